@@ -1,0 +1,1 @@
+"""Training code for Vedas, installed under the import name ``vedas_trainer``."""
