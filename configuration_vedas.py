@@ -1,0 +1,216 @@
+"""Vedas configuration.
+
+Vedas adds two modules to a Qwen2-VL / Qwen2.5-VL backbone (visual replay and routing depth scaling) and a
+latent-reasoning phase between the prompt and the answer. The settings live in :class:`VedasSettings`, shared by
+the two backbone-specific configs :class:`VedasConfig` (Qwen2-VL) and :class:`Vedas25Config` (Qwen2.5-VL).
+
+The special tokens are defined here and only here (:data:`SPECIAL_TOKENS`).
+"""
+
+import math
+from dataclasses import dataclass, field
+
+from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+
+START_LATENT_TOKEN = "<|start_latent|>"
+LATENT_TOKEN = "<|latent|>"
+END_LATENT_TOKEN = "<|end_latent|>"
+REPLAY_TOKEN = "<|replay|>"
+# config attribute prefix -> token string; the single source of truth for the special tokens
+SPECIAL_TOKENS = {
+    "start_latent": START_LATENT_TOKEN,
+    "latent": LATENT_TOKEN,
+    "end_latent": END_LATENT_TOKEN,
+    "replay": REPLAY_TOKEN,
+}
+
+REPLAY_MODES = ("tokens", "soft_mix")
+REPLAY_SCALES = ("softmax", "rescaled")
+POSITION_MODES = ("original", "sequential")
+ROUTING_MODES = ("causal", "global")
+ROUTING_POSITION_MODES = ("original", "rearranged")
+# OpenAI CLIP statistics, the Qwen2-VL image processor's defaults
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(kw_only=True, repr=False)
+class VedasSettings:
+    r"""
+    The Vedas hyper-parameters. Defaults are the paper's (arXiv 2604.10500, section 1.4 of DESIGN.md).
+
+    Latent reasoning:
+        num_latent_steps (`int`, *optional*, defaults to 4):
+            T_r, the number of latent reasoning steps `generate` runs when the call does not say otherwise.
+
+    Visual replay (SCF-VR):
+        num_replay_tokens (`int`, *optional*, defaults to 32):
+            K, the visual tokens replayed before each latent. 0 disables replay.
+        replay_mode (`str`, *optional*, defaults to `"tokens"`):
+            `"tokens"` inserts the K weighted tokens B(t); `"soft_mix"` inserts one token, their weighted sum.
+        replay_scale (`str`, *optional*, defaults to `"softmax"`):
+            `"softmax"` weights the K tokens by softmax(saliency) (each is about V/K, as in the authors' code);
+            `"rescaled"` multiplies those weights by K so that uniform saliency keeps features at their scale.
+        replay_positions (`str`, *optional*, defaults to `"original"`):
+            `"original"` (paper: keep old position) gives replayed tokens the M-RoPE (t, h, w) ids of the tokens
+            they copy; `"sequential"` gives them the next text positions.
+        window_size (`int`, *optional*, defaults to 3):
+            W, the side of the dense window on the merged grid that is cropped for self-distillation.
+        crop_resolution (`int`, *optional*, defaults to 280):
+            Side in pixels of the re-encoded crop; a multiple of patch_size * spatial_merge_size.
+        recon_weight (`float`, *optional*, defaults to 1.0):
+            λ, the weight of the self-distillation loss L_recon (paper: 1.0 for 2B/3B, 0.2 for 7B).
+        image_mean, image_std (`list[float]`):
+            Normalisation used to re-encode crops; copied from the image processor at conversion.
+
+    Routing depth scaling (RDS):
+        routing_layers (`list[int]`, *optional*):
+            0-based decoder layers that get a `depth_router` and a second pass. Defaults to 0, 2, 4, ...
+            (the paper's odd 1-indexed layers). An empty list disables RDS.
+        routing_topk (`int`, `float` or `list[int]`, *optional*, defaults to 32):
+            α, tokens selected per layer: a count (>= 1), a fraction of the prompt in (0, 1], or a cosine
+            schedule `[α_s, α_e]` with α(l) = round(α_e + (α_s - α_e) / 2 * (1 + cos(π l / L))).
+        max_depth (`int`, *optional*, defaults to 1):
+            D, how many times routing and the second pass repeat in a routing layer.
+        routing (`str`, *optional*, defaults to `"causal"`):
+            `"causal"`: top-α of the prompt sets a per-layer threshold that later tokens must reach (cacheable,
+            exact under incremental decoding). `"global"`: paper-literal top-α over the whole current sequence,
+            no KV cache.
+        routing_positions (`str`, *optional*, defaults to `"original"`):
+            Positions of the tokens in the second pass: their own (`"original"`) or new consecutive ones
+            (`"rearranged"`).
+        depth_gate_init (`float`, *optional*, defaults to 0.0):
+            Initial value of the step embeddings e(d) (`depth_step_embed`). 0 makes a converted model compute
+            exactly its base model until training moves e.
+
+    Special tokens (strings in :data:`SPECIAL_TOKENS`, ids filled in by the conversion):
+        start_latent_token_id, latent_token_id, end_latent_token_id, replay_token_id (`int`, *optional*)
+    """
+
+    num_latent_steps: int = 4
+    num_replay_tokens: int = 32
+    replay_mode: str = "tokens"
+    replay_scale: str = "softmax"
+    replay_positions: str = "original"
+    window_size: int = 3
+    crop_resolution: int = 280
+    recon_weight: float = 1.0
+    image_mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
+    image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
+    routing_layers: list[int] | None = None
+    routing_topk: int | float | list[int] = 32
+    max_depth: int = 1
+    routing: str = "causal"
+    routing_positions: str = "original"
+    depth_gate_init: float = 0.0
+    start_latent_token: str = START_LATENT_TOKEN
+    latent_token: str = LATENT_TOKEN
+    end_latent_token: str = END_LATENT_TOKEN
+    replay_token: str = REPLAY_TOKEN
+    start_latent_token_id: int | None = None
+    latent_token_id: int | None = None
+    end_latent_token_id: int | None = None
+    replay_token_id: int | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        num_layers = self.text_config.num_hidden_layers
+        if self.routing_layers is None:
+            self.routing_layers = list(range(0, num_layers, 2))
+        self.routing_layers = sorted(int(i) for i in self.routing_layers)
+        if isinstance(self.routing_topk, tuple):
+            self.routing_topk = list(self.routing_topk)
+        self._validate_vedas()
+
+    def _validate_vedas(self):
+        def check_choice(name, allowed):
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"VedasConfig.{name}={value!r} is not one of {allowed}.")
+
+        for name in ("num_latent_steps", "num_replay_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"VedasConfig.{name} must be an integer >= 0, got {value!r}.")
+        check_choice("replay_mode", REPLAY_MODES)
+        check_choice("replay_scale", REPLAY_SCALES)
+        check_choice("replay_positions", POSITION_MODES)
+        check_choice("routing", ROUTING_MODES)
+        check_choice("routing_positions", ROUTING_POSITION_MODES)
+        if not isinstance(self.window_size, int) or self.window_size < 1:
+            raise ValueError(f"VedasConfig.window_size (W) must be an integer >= 1, got {self.window_size!r}.")
+        unit = self.vision_config.patch_size * self.vision_config.spatial_merge_size
+        if not isinstance(self.crop_resolution, int) or self.crop_resolution < unit or self.crop_resolution % unit:
+            raise ValueError(
+                f"VedasConfig.crop_resolution must be a positive multiple of patch_size * spatial_merge_size "
+                f"({unit}), got {self.crop_resolution!r}."
+            )
+        if not self.recon_weight >= 0:
+            raise ValueError(f"VedasConfig.recon_weight (λ) must be >= 0, got {self.recon_weight!r}.")
+        if not isinstance(self.max_depth, int) or self.max_depth < 1:
+            raise ValueError(f"VedasConfig.max_depth (D) must be an integer >= 1, got {self.max_depth!r}.")
+        num_layers = self.text_config.num_hidden_layers
+        bad = [i for i in self.routing_layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(
+                f"VedasConfig.routing_layers has indices {bad} outside the {num_layers} decoder layers "
+                f"(valid: 0..{num_layers - 1})."
+            )
+        if len(set(self.routing_layers)) != len(self.routing_layers):
+            raise ValueError(f"VedasConfig.routing_layers has duplicates: {self.routing_layers}.")
+        topk = self.routing_topk
+        if isinstance(topk, bool):
+            raise ValueError(f"VedasConfig.routing_topk (α) must be a number or [α_s, α_e], got {topk!r}.")
+        if isinstance(topk, list):
+            if len(topk) != 2 or not all(isinstance(a, int) and not isinstance(a, bool) and a >= 1 for a in topk):
+                raise ValueError(
+                    f"VedasConfig.routing_topk as a cosine schedule must be [α_s, α_e] with two integers >= 1, "
+                    f"got {topk!r}."
+                )
+        elif isinstance(topk, int):
+            if topk < 1:
+                raise ValueError(f"VedasConfig.routing_topk (α) must be >= 1 tokens, got {topk!r}.")
+        elif isinstance(topk, float):
+            if not 0.0 < topk <= 1.0:
+                raise ValueError(
+                    f"VedasConfig.routing_topk (α) as a fraction of the prompt must be in (0, 1], got {topk!r}."
+                )
+        else:
+            raise ValueError(f"VedasConfig.routing_topk (α) must be an int, a float or [α_s, α_e], got {topk!r}.")
+        for name in ("image_mean", "image_std"):
+            if len(getattr(self, name)) != 3:
+                raise ValueError(f"VedasConfig.{name} must have 3 values, got {getattr(self, name)!r}.")
+
+    @property
+    def replay_tokens_per_step(self) -> int:
+        """Replay slots before each latent: K for `"tokens"`, 1 for `"soft_mix"`, 0 when replay is off."""
+        if self.num_replay_tokens == 0:
+            return 0
+        return 1 if self.replay_mode == "soft_mix" else self.num_replay_tokens
+
+    def routing_topk_for_layer(self, layer_idx: int) -> int | float:
+        """α for one decoder layer: the count, the fraction, or the cosine schedule's value at `layer_idx`."""
+        if isinstance(self.routing_topk, list):
+            alpha_s, alpha_e = self.routing_topk
+            num_layers = self.text_config.num_hidden_layers
+            return int(round(alpha_e + (alpha_s - alpha_e) / 2 * (1 + math.cos(math.pi * layer_idx / num_layers))))
+        return self.routing_topk
+
+    def special_token_ids(self) -> dict[str, int | None]:
+        return {name: getattr(self, f"{name}_token_id") for name in SPECIAL_TOKENS}
+
+
+class VedasConfig(VedasSettings, Qwen2VLConfig):
+    r"""Configuration of a Vedas model on a Qwen2-VL backbone. See :class:`VedasSettings` for the Vedas fields."""
+
+    model_type = "vedas"
+
+
+class Vedas25Config(VedasSettings, Qwen2_5_VLConfig):
+    r"""Configuration of a Vedas model on a Qwen2.5-VL backbone. See :class:`VedasSettings` for the Vedas fields."""
+
+    model_type = "vedas_2_5"
+
+
+__all__ = ["VedasConfig", "Vedas25Config", "VedasSettings", "SPECIAL_TOKENS"]

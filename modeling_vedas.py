@@ -1,0 +1,652 @@
+"""Vedas: multimodal latent reasoning with visual replay (SCF-VR) and routing depth scaling (RDS).
+
+Sequence layout of a latent sample (R replay slots per step: K, or 1 in `"soft_mix"` mode):
+
+    X  <|start_latent|>  [<|replay|> x R, <|latent|>] x T  <|end_latent|>  answer
+
+Order of computation (the Coconut rule, with replay): the hidden state at the position just before B(t) (the
+previous latent, or `<|start_latent|>` for t = 1) becomes z(t), and the attention of that same position over the
+prompt's visual tokens selects B(t). Each latent step is one forward of R + 1 new tokens on the KV cache.
+"""
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, initialization as init
+from transformers.modeling_outputs import ModelOutput
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
+
+from .configuration_vedas import Vedas25Config, VedasConfig
+from .replay_vedas import crop_and_resize, find_dense_window, patchify_images, select_replay, window_to_pixel_box
+from .routing_vedas import (
+    DepthStepEmbedding,
+    Vedas25DecoderLayer,
+    VedasCache,
+    VedasDecoderLayer,
+    VedasForwardState,
+)
+
+
+@dataclass
+class VedasCausalLMOutput(ModelOutput):
+    """
+    Args:
+        loss: `ce_loss + recon_weight * recon_loss` (λ-weighted), when labels are given.
+        ce_loss: next-token cross-entropy on the supervised tokens.
+        recon_loss: self-distillation MSE averaged over latent steps and samples (training with crop images).
+        logits: `(batch, seq, vocab)`.
+        past_key_values: the `VedasCache`.
+        latent_trace: per latent step, what replay selected (see `VedasForConditionalGeneration.forward`).
+        router_stats: per `(layer, depth)`: mean selected count, mean router score, mean threshold (detached).
+    """
+
+    loss: torch.FloatTensor | None = None
+    ce_loss: torch.FloatTensor | None = None
+    recon_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: VedasCache | None = None
+    latent_trace: list | None = None
+    router_stats: dict | None = None
+
+
+@dataclass
+class VedasGenerateOutput(ModelOutput):
+    """`generate(..., return_dict_in_generate=True)`: HF's fields plus the latent trace."""
+
+    sequences: torch.LongTensor | None = None
+    scores: tuple | None = None
+    logits: tuple | None = None
+    past_key_values: VedasCache | None = None
+    latent_trace: list | None = None
+
+
+@dataclass
+class _LatentLayout:
+    start: int  # column of <|start_latent|> (the same in every row)
+    steps: torch.Tensor  # (batch,) latent steps of each row
+    num_steps: int  # max over rows
+    slots: int  # replay slots per step (R)
+
+    def replay_columns(self, step: int) -> range:  # step is 1-based
+        first = self.start + 1 + (step - 1) * (self.slots + 1)
+        return range(first, first + self.slots)
+
+    def latent_column(self, step: int) -> int:
+        return self.start + step * (self.slots + 1)
+
+
+class VedasMixin:
+    """The Vedas logic shared by the Qwen2-VL and Qwen2.5-VL classes."""
+
+    _decoder_layer_class = None
+
+    def _init_vedas_modules(self):
+        text_config = self.config.text_config
+        layers = self.model.language_model.layers
+        for idx in range(len(layers)):
+            layers[idx] = self._decoder_layer_class(text_config, idx, self.config)
+        hidden = text_config.hidden_size
+        # token_sr predicts the crop's pooled features from the mean of B(t) (self-distillation)
+        self.token_sr = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self._warned = set()
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, DepthStepEmbedding):
+            init.constant_(module.weight, self.config.depth_gate_init)
+
+    # ------------------------------------------------------------------ helpers
+    def _warn_once(self, key: str, message: str):
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
+
+    def _replay_slots(self, num_replay_tokens: int) -> int:
+        if num_replay_tokens == 0:
+            return 0
+        return 1 if self.config.replay_mode == "soft_mix" else num_replay_tokens
+
+    def _routing_state(self, token_valid, prompt_mask, key_valid=None, record_scores=False) -> VedasForwardState:
+        return VedasForwardState(
+            token_valid=token_valid,
+            prompt_mask=prompt_mask,
+            prompt_lengths=(prompt_mask & token_valid).sum(-1),
+            key_valid=key_valid,
+            rotary_emb=self.model.language_model.rotary_emb,
+            routing_mode=self.config.routing,
+            record_scores=record_scores,
+        )
+
+    def _embed(self, input_ids, pixel_values, image_grid_thw):
+        """Token embeddings with the merger outputs scattered into the image slots."""
+        embeds = self.model.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            image_embeds = torch.cat(self.model.get_image_features(pixel_values, image_grid_thw).pooler_output)
+            image_mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
+            if int(image_mask.sum()) != image_embeds.shape[0]:
+                raise ValueError(
+                    f"The batch has {int(image_mask.sum())} image tokens but the images give {image_embeds.shape[0]} "
+                    f"visual features: input_ids and pixel_values/image_grid_thw do not belong together."
+                )
+            embeds = embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
+        return embeds
+
+    def _check_cache(self, past_key_values):
+        if past_key_values is None:
+            return
+        if self.config.routing_layers and not isinstance(past_key_values, VedasCache):
+            raise TypeError(
+                f"Vedas routing layers keep their own keys and thresholds: pass a `VedasCache`, not "
+                f"{type(past_key_values).__name__}."
+            )
+        if self.config.routing == "global" and self.config.routing_layers and past_key_values.get_seq_length() > 0:
+            raise ValueError(
+                "routing='global' re-selects top-α over the whole sequence at every step, so a KV cache would give "
+                "wrong numbers. Call with use_cache=False (generate does this for you)."
+            )
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: VedasCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        crop_images: list | None = None,
+        num_replay_tokens: int | None = None,
+        output_latent_trace: bool = False,
+        output_router_scores: bool = False,
+        **kwargs,
+    ) -> VedasCausalLMOutput:
+        r"""
+        A plain prompt runs the backbone (with routing depth scaling). A batch in the latent layout (it contains
+        `<|latent|>` slots) runs the latent forward: teacher forcing with latents filled in and visual replay.
+
+        Latent batches must be built like the collator does: every row has `<|start_latent|>` in the same column
+        (prompts left-padded), followed by its steps `[<|replay|> x R, <|latent|>]` and `<|end_latent|>`.
+
+        crop_images (`list[list[torch.Tensor]]`, *optional*):
+            Per sample, its original images as `(3, H, W)` uint8 tensors, in prompt order. When given in training
+            (and `recon_weight > 0`), the self-distillation loss is computed: the dense W x W window of each step's
+            replayed tokens is cropped from the original image, re-encoded without grad and predicted by `token_sr`.
+        num_replay_tokens (`int`, *optional*): K for this call (defaults to `config.num_replay_tokens`).
+        output_latent_trace (`bool`): return `latent_trace`, a list over steps of dicts with `replay_indices`
+            `(batch, K)` (index among the sample's visual tokens, -1 where nothing was left), `replay_weights`
+            `(batch, K)`, `crop_window` (per sample `(image, row0, row1, col0, col1)` or None) and `router_scores`
+            (per `(layer, depth)`: `(batch, tokens of that pass)` scores and selection).
+        """
+        if inputs_embeds is not None:
+            raise ValueError("Vedas builds its own input embeddings (latents and replay); pass input_ids.")
+        self._check_cache(past_key_values)
+        latent_id = self.config.latent_token_id
+        if latent_id is not None and bool((input_ids == latent_id).any()):
+            if past_key_values is not None and past_key_values.get_seq_length() > 0:
+                raise ValueError("A latent-layout batch must start from an empty cache (generate runs the steps).")
+            return self._latent_forward(
+                input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, labels,
+                crop_images=crop_images, num_replay_tokens=num_replay_tokens, use_cache=use_cache,
+                past_key_values=past_key_values, output_latent_trace=output_latent_trace, position_ids=position_ids,
+            )
+
+        if use_cache and past_key_values is None:
+            past_key_values = VedasCache(config=self.config.text_config)
+        embeds = self._embed(input_ids, pixel_values, image_grid_thw)
+        if position_ids is None:
+            position_ids = self.model.compute_3d_position_ids(
+                input_ids=input_ids, inputs_embeds=embeds, image_grid_thw=image_grid_thw, attention_mask=attention_mask,
+                past_key_values=past_key_values, mm_token_type_ids=mm_token_type_ids,
+            )
+        length = input_ids.shape[1]
+        token_valid = (
+            attention_mask[:, -length:].bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        )
+        state = self._routing_state(token_valid, self._prompt_mask(input_ids, labels, token_valid),
+                                    record_scores=output_router_scores)
+        outputs = self.model.language_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, use_cache=use_cache, vedas_state=state,
+        )
+        hidden = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, slice_indices])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+        trace = [{"router_scores": state.router_scores}] if output_router_scores else None
+        return VedasCausalLMOutput(
+            loss=loss, ce_loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+            router_stats=state.router_stats, latent_trace=trace,
+        )
+
+    def _prompt_mask(self, input_ids, labels, token_valid):
+        """The routing prompt: columns before the first `<|start_latent|>`, else before the first supervised token,
+        else everything."""
+        length = input_ids.shape[1]
+        columns = torch.arange(length, device=input_ids.device)[None]
+        end = torch.full((input_ids.shape[0],), length, device=input_ids.device)
+        if labels is not None:
+            supervised = labels[:, -length:] != -100
+            end = torch.where(supervised.any(-1), supervised.int().argmax(-1), end)
+        if self.config.start_latent_token_id is not None:
+            marker = input_ids == self.config.start_latent_token_id
+            end = torch.where(marker.any(-1), marker.int().argmax(-1), end)
+        return (columns < end[:, None]) & token_valid
+
+    # ----------------------------------------------------------- latent layout
+    def _parse_latent_layout(self, input_ids, attention_mask, slots: int) -> _LatentLayout:
+        """Check the latent layout of every row and return where things are; errors name the offending row."""
+        cfg = self.config
+        is_start = input_ids == cfg.start_latent_token_id
+        is_latent = input_ids == cfg.latent_token_id
+        steps = is_latent.sum(-1)
+        for row in range(input_ids.shape[0]):
+            if int(is_start[row].sum()) != 1 and int(steps[row]) > 0:
+                raise ValueError(
+                    f"Sample {row} of the batch has {int(steps[row])} <|latent|> slots but "
+                    f"{int(is_start[row].sum())} <|start_latent|> markers (expected exactly one)."
+                )
+        has_start = is_start.any(-1)
+        start_columns = is_start.int().argmax(-1)[has_start].unique()
+        if start_columns.numel() != 1:
+            raise ValueError(
+                f"<|start_latent|> sits in different columns across the batch ({start_columns.tolist()}); left-pad the "
+                f"prompts so that the latent block starts in the same column (the Vedas collator does this)."
+            )
+        layout = _LatentLayout(int(start_columns), steps, int(steps.max()), slots)
+        # expected tokens after the marker: [replay x R, latent] x T_row, end_latent
+        width = layout.num_steps * (slots + 1) + 1
+        if layout.start + width > input_ids.shape[1]:
+            raise ValueError(
+                f"The latent block needs {width} columns after <|start_latent|> (column {layout.start}) but the "
+                f"batch has only {input_ids.shape[1] - layout.start - 1}."
+            )
+        block = input_ids[:, layout.start + 1 : layout.start + 1 + width]
+        pattern = torch.full((slots + 1,), cfg.replay_token_id, device=input_ids.device)
+        pattern[-1] = cfg.latent_token_id
+        expected = pattern.repeat(layout.num_steps + 1)[:width][None].expand(input_ids.shape[0], -1).clone()
+        position = torch.arange(width, device=input_ids.device)[None]
+        end_col = steps[:, None] * (slots + 1)
+        expected = torch.where(position == end_col, cfg.end_latent_token_id, expected)
+        check = position <= end_col
+        bad = ((block != expected) & check & has_start[:, None]).any(-1)
+        if bool(bad.any()):
+            row = int(bad.int().argmax())
+            raise ValueError(
+                f"Sample {row} of the batch has a malformed latent layout: after <|start_latent|> it needs "
+                f"{int(steps[row])} x ({slots} <|replay|> + <|latent|>) then <|end_latent|>, got token ids "
+                f"{block[row, : int(end_col[row]) + 1].tolist()}."
+            )
+        return layout
+
+    def _latent_position_ids(self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw):
+        """(3, batch, seq) M-RoPE positions; replay slots are skipped by the text counter (they are filled with the
+        positions of the tokens they copy at each step), unless `replay_positions="sequential"`."""
+        text_mask = attention_mask.bool()
+        if self.config.replay_positions == "original":
+            text_mask = text_mask & (input_ids != self.config.replay_token_id)
+        if mm_token_type_ids is None:
+            mm_token_type_ids = torch.zeros_like(input_ids, dtype=torch.int)
+        if image_grid_thw is None:  # text only: 1-D positions over the counted tokens
+            positions = (text_mask.long().cumsum(-1) - 1).clamp(min=0)
+            return positions[None].expand(3, -1, -1).clone()
+        positions, _ = self.model.get_rope_index(
+            input_ids, mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw,
+            attention_mask=text_mask.long(),
+        )
+        return positions
+
+    def _visual_tokens(self, input_ids, attention_mask, image_grid_thw):
+        """Columns of each sample's visual tokens, padded: (batch, v) long + valid mask, plus per token its image
+        index within the sample and its (row, col) on that image's merged grid, and the grids per sample."""
+        is_image = (input_ids == self.config.image_token_id) & attention_mask.bool()
+        counts = is_image.sum(-1)
+        width = int(counts.max()) if counts.numel() else 0
+        order = torch.sort((~is_image).to(torch.int8), dim=-1, stable=True).indices[:, :width]
+        valid = torch.arange(width, device=input_ids.device)[None] < counts[:, None]
+        meta = {"image": torch.full_like(order, -1), "row": torch.zeros_like(order), "col": torch.zeros_like(order)}
+        grids = [[] for _ in range(input_ids.shape[0])]
+        if image_grid_thw is not None and width:
+            merge = self.config.vision_config.spatial_merge_size
+            image_iter = iter(image_grid_thw.tolist())
+            for row in range(input_ids.shape[0]):  # loop over samples and images, not tokens
+                offset, local = 0, 0
+                while offset < int(counts[row]):
+                    t, h, w = next(image_iter)
+                    gh, gw = h // merge, w // merge
+                    n = t * gh * gw
+                    index = torch.arange(n, device=input_ids.device) % (gh * gw)
+                    meta["image"][row, offset : offset + n] = local
+                    meta["row"][row, offset : offset + n] = index // gw
+                    meta["col"][row, offset : offset + n] = index % gw
+                    grids[row].append((gh, gw))
+                    offset, local = offset + n, local + 1
+        return order, valid, meta, grids
+
+    def _dense_windows(self, indices, valid, meta, grids):
+        """Per sample: `(image, row0, row1, col0, col1)` of the densest W x W window over the images, or None."""
+        windows = []
+        for row in range(indices.shape[0]):
+            chosen = indices[row][valid[row]]
+            if chosen.numel() == 0 or not grids[row]:
+                windows.append(None)
+                continue
+            best = None
+            for image, (gh, gw) in enumerate(grids[row]):
+                on_image = chosen[meta["image"][row, chosen] == image]
+                if on_image.numel() == 0:
+                    continue
+                grid = torch.zeros(gh, gw, dtype=torch.long, device=indices.device)
+                grid[meta["row"][row, on_image], meta["col"][row, on_image]] = 1
+                r0, r1, c0, c1, count = find_dense_window(grid, self.config.window_size)
+                if best is None or count > best[1]:  # first maximum wins across images
+                    best = ((image, r0, r1, c0, c1), count)
+            windows.append(best[0] if best else None)
+        return windows
+
+    def _recon_targets(self, windows, grids, crop_images, dtype):
+        """Encode the crops of the dense windows (no grad); returns (n, hidden) pooled features and their keys."""
+        cfg, vision = self.config, self.config.vision_config
+        size = (cfg.crop_resolution, cfg.crop_resolution)
+        crops, keys = [], []
+        for key, (row, window) in windows:
+            image, r0, r1, c0, c1 = window
+            if row >= len(crop_images) or image >= len(crop_images[row]):
+                raise ValueError(f"crop_images[{row}] has no image {image}: pass every image of every sample.")
+            original = crop_images[row][image]
+            box = window_to_pixel_box((r0, r1), (c0, c1), grids[row][image], tuple(original.shape[-2:]))
+            crops.append(crop_and_resize(original, box, size))
+            keys.append(key)
+        if not crops:
+            return None, []
+        pixel_values, grid_thw = patchify_images(
+            torch.stack(crops).to(self.device), vision.patch_size, vision.temporal_patch_size,
+            vision.spatial_merge_size, cfg.image_mean, cfg.image_std,
+        )
+        with torch.no_grad():
+            features = self.model.get_image_features(pixel_values.to(self.model.visual.dtype), grid_thw.to(self.device))
+        pooled = torch.stack([f.mean(0) for f in features.pooler_output]).to(dtype)
+        return pooled, keys
+
+    def _latent_forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, labels,
+                        crop_images=None, num_replay_tokens=None, use_cache=None, past_key_values=None,
+                        output_latent_trace=False, position_ids=None, return_hidden_only=False):
+        cfg = self.config
+        if position_ids is not None:
+            raise ValueError("Positions of a latent batch follow from its layout; do not pass position_ids.")
+        num_replay = cfg.num_replay_tokens if num_replay_tokens is None else num_replay_tokens
+        if num_replay < 0:
+            raise ValueError(f"num_replay_tokens must be >= 0, got {num_replay}.")
+        slots = self._replay_slots(num_replay)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        layout = self._parse_latent_layout(input_ids, attention_mask, slots)
+        batch, length = input_ids.shape
+
+        embeds = self._embed(input_ids, pixel_values, image_grid_thw)
+        positions = self._latent_position_ids(input_ids, attention_mask, mm_token_type_ids, image_grid_thw)
+        mask = attention_mask.clone()
+        vis_columns, vis_valid, vis_meta, grids = self._visual_tokens(input_ids, attention_mask, image_grid_thw)
+        replay_on = slots > 0 and vis_columns.shape[1] > 0
+        if slots > 0 and not replay_on:
+            self._warn_once("no-image", "The batch has no image tokens: latent steps run without visual replay.")
+        vis_features = embeds.gather(1, vis_columns.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+        vis_positions = positions.gather(2, vis_columns[None].expand(3, -1, -1))
+        visited = torch.zeros_like(vis_valid)
+        if replay_on and int(vis_valid.sum(-1).min()) < num_replay * layout.num_steps:
+            self._warn_once(
+                "few-visual",
+                f"K x T = {num_replay} x {layout.num_steps} exceeds the visual tokens of some sample "
+                f"({int(vis_valid.sum(-1).min())}): the last steps replay what remains.",
+            )
+
+        # A KV cache carries the passes; without one (use_cache=False, or gradient checkpointing, which drops
+        # caches inside layers) every pass recomputes the prefix. Both give the same numbers.
+        checkpointing = self.model.language_model.gradient_checkpointing and self.training
+        cached = use_cache is not False and not checkpointing and cfg.routing == "causal"
+        cache = (past_key_values or VedasCache(config=cfg.text_config)) if cached else None
+        prompt_mask = self._prompt_mask(input_ids, None, mask.bool())
+        compute_recon = (
+            self.training and crop_images is not None and cfg.recon_weight > 0 and replay_on and layout.num_steps > 0
+        )
+        trace, recon_requests, recon_preds = [], [], []
+        ends = [layout.start + 1] + [layout.latent_column(t) + 1 for t in range(1, layout.num_steps)] + [length]
+        begin = 0
+        for step, end in enumerate(ends):
+            chunk = slice(begin if cached else 0, end)
+            capture = replay_on and step < layout.num_steps
+            state = self._routing_state(
+                mask[:, chunk].bool(), prompt_mask[:, chunk], key_valid=mask[:, :end].bool(),
+                record_scores=output_latent_trace,
+            )
+            state.prompt_lengths = prompt_mask.sum(-1)
+            if capture:
+                state.saliency_columns, state.saliency_valid = vis_columns, vis_valid
+            hidden = self.model.language_model(
+                inputs_embeds=embeds[:, chunk], attention_mask=mask[:, :end], position_ids=positions[:, :, chunk],
+                past_key_values=cache, use_cache=cached, vedas_state=state,
+            ).last_hidden_state
+            begin = end
+            if step == layout.num_steps:
+                break
+            # ---- latent step t = step + 1: z(t) from the last position, B(t) from its attention
+            t = step + 1
+            rows = layout.steps >= t  # rows that have this step
+            fill = torch.zeros(batch, length, dtype=torch.bool, device=input_ids.device)
+            fill[:, layout.latent_column(t)] = rows
+            new_embeds = torch.zeros_like(embeds)
+            new_embeds[:, layout.latent_column(t)] = hidden[:, -1]
+            step_trace = {"router_scores": state.router_scores}
+            if replay_on:
+                saliency = state.saliency_sum / max(state.saliency_layers, 1)
+                selection = select_replay(
+                    saliency, vis_valid, visited, num_replay, rescale=cfg.replay_scale == "rescaled"
+                )
+                visited = torch.where(rows[:, None], selection.visited, visited)
+                weights = selection.weights.to(embeds.dtype)
+                chosen = vis_features.gather(1, selection.indices.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
+                replay = chosen * weights.unsqueeze(-1)  # B(t): (batch, K, hidden)
+                chosen_pos = vis_positions.gather(2, selection.indices[None].expand(3, -1, -1))
+                slot_valid = selection.valid
+                if cfg.replay_mode == "soft_mix":
+                    replay = replay.sum(1, keepdim=True)
+                    chosen_pos = chosen_pos[:, :, :1]  # the most salient token's position
+                    slot_valid = selection.valid.any(-1, keepdim=True)
+                columns = list(layout.replay_columns(t))
+                fill[:, columns] = rows[:, None]
+                new_embeds[:, columns] = replay
+                if cfg.replay_positions == "original":
+                    positions[:, :, columns] = torch.where(rows[None, :, None], chosen_pos, positions[:, :, columns])
+                mask[:, columns] = torch.where(rows[:, None], slot_valid.to(mask.dtype), mask[:, columns])
+                if compute_recon or output_latent_trace:
+                    windows = self._dense_windows(selection.indices, selection.valid & rows[:, None], vis_meta, grids)
+                    step_trace.update(
+                        replay_indices=selection.indices.masked_fill(~selection.valid, -1),
+                        replay_weights=selection.weights.detach(),
+                        crop_window=windows,
+                    )
+                    if compute_recon:
+                        valid_count = selection.valid.sum(-1, keepdim=True).clamp(min=1)
+                        mean_replay = (replay.sum(1) / (1 if cfg.replay_mode == "soft_mix" else valid_count))
+                        for row, window in enumerate(windows):
+                            if window is not None:
+                                recon_requests.append(((t, row), (row, window)))
+                                recon_preds.append(mean_replay[row])
+            embeds = torch.where(fill.unsqueeze(-1), new_embeds, embeds)
+            trace.append(step_trace)
+
+        if return_hidden_only:
+            return hidden, cache, positions, mask, trace
+
+        logits = self.lm_head(hidden)
+        ce_loss = recon_loss = loss = None
+        if labels is not None:
+            ce_loss = self.loss_function(logits=logits, labels=labels, vocab_size=cfg.text_config.vocab_size)
+            loss = ce_loss
+        if compute_recon and recon_requests:
+            targets, _ = self._recon_targets(recon_requests, grids, crop_images, hidden.dtype)
+            predictions = self.token_sr(torch.stack(recon_preds))
+            recon_loss = nn.functional.mse_loss(predictions.float(), targets.float())
+            loss = recon_loss * cfg.recon_weight if loss is None else loss + cfg.recon_weight * recon_loss
+        return VedasCausalLMOutput(
+            loss=loss, ce_loss=ce_loss, recon_loss=recon_loss, logits=logits, past_key_values=cache,
+            latent_trace=trace if output_latent_trace else None, router_stats=state.router_stats,
+        )
+
+    # ---------------------------------------------------------------- generate
+    def build_latent_layout(self, input_ids, attention_mask, mm_token_type_ids=None, num_latent_steps=None,
+                            num_replay_tokens=None):
+        """Append `<|start_latent|>` (if missing) and T steps of `[<|replay|> x R, <|latent|>]` to left-padded
+        prompts. Returns `(input_ids, attention_mask, mm_token_type_ids)` in the latent layout (without
+        `<|end_latent|>`)."""
+        cfg = self.config
+        steps = cfg.num_latent_steps if num_latent_steps is None else num_latent_steps
+        slots = self._replay_slots(cfg.num_replay_tokens if num_replay_tokens is None else num_replay_tokens)
+        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+            raise ValueError(
+                "Latent generation needs left-padded prompts (the last column is padding for some rows): set "
+                "processor.tokenizer.padding_side = 'left'."
+            )
+        ends_with_start = bool((input_ids[:, -1] == cfg.start_latent_token_id).all())
+        block = [] if ends_with_start else [cfg.start_latent_token_id]
+        block += ([cfg.replay_token_id] * slots + [cfg.latent_token_id]) * steps
+        extra = torch.tensor(block, dtype=input_ids.dtype, device=input_ids.device)[None].expand(input_ids.shape[0], -1)
+        input_ids = torch.cat([input_ids, extra], dim=1)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        else:
+            attention_mask = torch.cat([attention_mask, torch.ones_like(extra)], dim=1)
+        if mm_token_type_ids is not None:
+            mm_token_type_ids = torch.cat([mm_token_type_ids, torch.zeros_like(extra).to(mm_token_type_ids.dtype)], 1)
+        return input_ids, attention_mask, mm_token_type_ids
+
+    def compact_latent_sequences(self, sequences):
+        """Drop `<|replay|>` slots so that the returned sequences show one `<|latent|>` per step."""
+        keep = sequences != self.config.replay_token_id
+        lengths = keep.sum(-1)
+        if bool((lengths == lengths[0]).all()):
+            return sequences[keep].view(sequences.shape[0], -1)
+        pad = self.generation_config.pad_token_id or 0
+        out = torch.full((sequences.shape[0], int(lengths.max())), pad, dtype=sequences.dtype, device=sequences.device)
+        for row in range(sequences.shape[0]):
+            out[row, : int(lengths[row])] = sequences[row][keep[row]]
+        return out
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 mm_token_type_ids=None, num_latent_steps=None, num_replay_tokens=None, output_latent_trace=False,
+                 **kwargs):
+        r"""
+        Latent generation: prefill, T latent steps (each one forward of R + 1 tokens on the cache), then
+        `<|end_latent|>` and the answer through the standard HF generation loop (greedy, sampling, streamers,
+        stopping criteria all apply).
+
+        num_latent_steps (`int`, *optional*): T; defaults to `config.num_latent_steps`. 0 is the plain model.
+        num_replay_tokens (`int`, *optional*): K for this call.
+        output_latent_trace (`bool`): with `return_dict_in_generate=True`, also return `latent_trace`.
+
+        The returned sequences hold the prompt (with `<|start_latent|>`), one `<|latent|>` per step,
+        `<|end_latent|>` and the answer.
+        """
+        cfg = self.config
+        steps = cfg.num_latent_steps if num_latent_steps is None else num_latent_steps
+        use_cache = kwargs.pop("use_cache", True)
+        if cfg.routing == "global" and cfg.routing_layers:
+            use_cache = False
+        image_kwargs = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
+        if steps == 0:
+            if use_cache:
+                kwargs.setdefault("past_key_values", VedasCache(config=cfg.text_config))
+            return super().generate(
+                input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
+                use_cache=use_cache, **image_kwargs, **kwargs,
+            )
+        if None in (cfg.start_latent_token_id, cfg.latent_token_id, cfg.end_latent_token_id, cfg.replay_token_id):
+            raise ValueError("This checkpoint has no latent special tokens; convert it with examples/convert_base.py.")
+        num_replay = cfg.num_replay_tokens if num_replay_tokens is None else num_replay_tokens
+        layout_ids, layout_mask, layout_types = self.build_latent_layout(
+            input_ids, attention_mask, mm_token_type_ids, steps, num_replay
+        )
+        end = torch.full_like(layout_ids[:, :1], cfg.end_latent_token_id)
+        full_ids = torch.cat([layout_ids, end], dim=1)
+        if layout_types is not None:
+            layout_types = torch.cat([layout_types, torch.zeros_like(end).to(layout_types.dtype)], dim=1)
+        return_dict = kwargs.get("return_dict_in_generate", False)
+        trace = None
+
+        if not use_cache:  # every step recomputes the whole latent forward (slow, exact)
+            full_mask = torch.cat([layout_mask, torch.ones_like(end)], dim=1)
+            outputs = super().generate(
+                input_ids=full_ids, attention_mask=full_mask, mm_token_type_ids=layout_types, use_cache=False,
+                num_replay_tokens=num_replay, **image_kwargs, **kwargs,
+            )
+        else:
+            hidden, cache, positions, mask, trace = self._latent_forward(
+                layout_ids, layout_mask, pixel_values, image_grid_thw, layout_types, None,
+                num_replay_tokens=num_replay, use_cache=True, output_latent_trace=output_latent_trace,
+                return_hidden_only=True,
+            )
+            # <|end_latent|> continues the text position counter after the last latent
+            next_position = positions[:, :, -1:] + 1
+            full_positions = torch.cat([positions, next_position], dim=2)
+            full_mask = torch.cat([mask, torch.ones_like(end)], dim=1)
+            self.model.rope_deltas = next_position[0] - full_mask.sum(-1, keepdim=True) + 1
+            outputs = super().generate(
+                input_ids=full_ids, attention_mask=full_mask, position_ids=full_positions, past_key_values=cache,
+                use_cache=True, **kwargs,
+            )
+        if return_dict:
+            outputs = VedasGenerateOutput(
+                sequences=self.compact_latent_sequences(outputs.sequences), scores=outputs.get("scores"),
+                logits=outputs.get("logits"), past_key_values=outputs.get("past_key_values"),
+                latent_trace=trace if output_latent_trace else None,
+            )
+            return outputs
+        return self.compact_latent_sequences(outputs)
+
+    def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
+        # latent layouts derive their positions inside forward
+        input_ids = model_kwargs.get("input_ids", inputs_tensor)
+        if self.config.latent_token_id is not None and bool((input_ids == self.config.latent_token_id).any()):
+            return None
+        return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
+
+
+class VedasForConditionalGeneration(VedasMixin, Qwen2VLForConditionalGeneration, GenerationMixin):
+    """Vedas on a Qwen2-VL backbone."""
+
+    config_class = VedasConfig
+    config: VedasConfig
+    _decoder_layer_class = VedasDecoderLayer
+    _no_split_modules = ["VedasDecoderLayer", "Qwen2VLVisionBlock"]
+
+    def __init__(self, config: VedasConfig):
+        super().__init__(config)
+        self._init_vedas_modules()
+        self.post_init()
+
+
+class Vedas25ForConditionalGeneration(VedasMixin, Qwen2_5_VLForConditionalGeneration, GenerationMixin):
+    """Vedas on a Qwen2.5-VL backbone."""
+
+    config_class = Vedas25Config
+    config: Vedas25Config
+    _decoder_layer_class = Vedas25DecoderLayer
+    _no_split_modules = ["Vedas25DecoderLayer", "Qwen2_5_VLVisionBlock"]
+
+    def __init__(self, config: Vedas25Config):
+        super().__init__(config)
+        self._init_vedas_modules()
+        self.post_init()
+
+
+__all__ = ["VedasForConditionalGeneration", "Vedas25ForConditionalGeneration", "VedasCausalLMOutput", "VedasCache"]

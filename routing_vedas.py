@@ -1,0 +1,279 @@
+"""Routing depth scaling (RDS): the Vedas decoder layer, its per-forward state and its KV cache.
+
+A routing layer runs the backbone's own decoder layer, lets `depth_router` score every token, and sends the
+selected tokens through the same layer a second time. The selected tokens attend only to each other (causally, in
+their original order) and keep their positions; the result is gated back in:
+
+    out = H0 + mask ⊙ s ⊙ (f(H0) - H0) ⊙ e(d)
+
+In `routing="causal"` mode the selection of a token never depends on a later token: the α best prompt tokens set
+a threshold per sample and layer, and every later token is selected iff its score reaches it. The second pass keeps
+its own keys and values in :class:`VedasCache`, so chunked and token-by-token decoding give the one-shot numbers.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer
+
+
+class VedasCache(DynamicCache):
+    """A `DynamicCache` that also holds what routing layers carry between forwards.
+
+    Attributes:
+        routing_kv (`dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]]`):
+            Per (layer, depth): keys and values `(batch, kv_heads, n, head_dim)` of the tokens the second pass has
+            seen, and `(batch, n)` bool validity (samples select different numbers of tokens).
+        routing_thresholds (`dict[tuple[int, int], Tensor]`):
+            Per (layer, depth): the `(batch,)` threshold set by the prompt in causal mode.
+        routing_positions (`dict[tuple[int, int], Tensor]`):
+            Per (layer, depth): `(batch,)` count of selected tokens so far (next position in `"rearranged"` mode).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.routing_kv = {}
+        self.routing_thresholds = {}
+        self.routing_positions = {}
+
+
+class _SecondPassKV:
+    """Duck-typed stand-in for a cache, handed to the backbone's attention during the second pass.
+
+    The attention module only calls `update(key, value, layer_idx)`; this returns the routing keys/values seen so
+    far concatenated with the new ones, and records them in the `VedasCache` when there is one.
+    """
+
+    def __init__(self, store: dict | None, key: tuple[int, int], past: tuple | None):
+        self.store, self.key, self.past = store, key, past
+        self.new_valid = None
+
+    def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        if self.past is not None:
+            key_states = torch.cat([self.past[0], key_states], dim=2)
+            value_states = torch.cat([self.past[1], value_states], dim=2)
+        if self.store is not None:
+            past_valid = self.past[2] if self.past is not None else self.new_valid[:, :0]
+            self.store[self.key] = (key_states, value_states, torch.cat([past_valid, self.new_valid], dim=1))
+        return key_states, value_states
+
+
+@dataclass
+class VedasForwardState:
+    """What one model forward tells its decoder layers, passed to them as the `vedas_state` keyword.
+
+    Shapes use `l` for the tokens of this forward and `n` for all keys (cache + this forward).
+
+    Args:
+        token_valid (`(batch, l)` bool): real tokens; padding and unused replay slots are never selected.
+        prompt_mask (`(batch, l)` bool): tokens that set the causal-mode threshold (the routing prompt).
+        prompt_lengths (`(batch,)` long): length of the whole prompt, for α given as a fraction.
+        key_valid (`(batch, n)` bool): keys the main attention may see (for the saliency row).
+        saliency_columns (`(batch, v)` long, optional): key columns of the visual tokens. When set, every layer
+            adds the attention of the last query over these columns (averaged over heads) to `saliency_sum`.
+        rotary_emb (`nn.Module`): the text model's rotary embedding (for `"rearranged"` second-pass positions).
+        record_scores (`bool`): keep the full router scores per layer (for traces and plots).
+    """
+
+    token_valid: torch.Tensor
+    prompt_mask: torch.Tensor
+    prompt_lengths: torch.Tensor
+    key_valid: torch.Tensor | None = None
+    saliency_columns: torch.Tensor | None = None
+    saliency_valid: torch.Tensor | None = None
+    rotary_emb: nn.Module | None = None
+    routing_mode: str = "causal"
+    record_scores: bool = False
+    saliency_sum: torch.Tensor | None = None
+    saliency_layers: int = 0
+    router_stats: dict = field(default_factory=dict)
+    router_scores: dict = field(default_factory=dict)
+
+
+def _kth_largest(scores: torch.Tensor, mask: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Per row, the k-th largest of `scores` where `mask` (k >= 1, capped at the row's count; +inf if empty).
+
+    scores, mask: (batch, l); k: (batch,) long. Returns (batch,) float.
+    """
+    count = mask.sum(-1)
+    k = torch.minimum(k, count).clamp(min=1)
+    ranked = scores.masked_fill(~mask, float("-inf")).sort(dim=-1, descending=True).values
+    kth = ranked.gather(1, (k - 1).unsqueeze(1)).squeeze(1)
+    return torch.where(count > 0, kth, torch.full_like(kth, float("inf")))
+
+
+class VedasDecoderLayerMixin:
+    """Adds saliency capture and (on routing layers) routing depth scaling to a backbone decoder layer.
+
+    Keeping the backbone layer class as the base keeps its parameter names, so base checkpoints load unchanged
+    and the second pass reuses exactly the same weights and code.
+    """
+
+    def _init_vedas(self, config, layer_idx: int, vedas_config):
+        self.layer_idx = layer_idx
+        self.is_routing_layer = layer_idx in vedas_config.routing_layers
+        if self.is_routing_layer:
+            self.routing_topk = vedas_config.routing_topk_for_layer(layer_idx)
+            self.max_depth = vedas_config.max_depth
+            self.routing_positions = vedas_config.routing_positions
+            self.depth_router = nn.Linear(config.hidden_size, 1)
+            self.depth_step_embed = DepthStepEmbedding(vedas_config.max_depth, config.hidden_size)
+
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
+                position_embeddings=None, vedas_state: VedasForwardState | None = None, **kwargs):
+        hidden_states_in = hidden_states
+        hidden_states = super().forward(
+            hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        if vedas_state is None:
+            return hidden_states
+        if vedas_state.saliency_columns is not None:
+            self._add_saliency(hidden_states_in, position_embeddings, past_key_values, vedas_state)
+        if self.is_routing_layer:
+            for depth in range(self.max_depth):
+                hidden_states = self._route(hidden_states, depth, position_embeddings, past_key_values, vedas_state)
+        return hidden_states
+
+    # ---------------------------------------------------------------- saliency
+    def _add_saliency(self, hidden_states, position_embeddings, past_key_values, state: VedasForwardState):
+        """Attention of the last query over the visual key columns, averaged over heads; added to the state.
+
+        Only one attention row is computed (from q·k, so it carries gradient); no attention map is materialised.
+        """
+        attn = self.self_attn
+        bsz = hidden_states.shape[0]
+        query = attn.q_proj(self.input_layernorm(hidden_states[:, -1:]))
+        query = query.view(bsz, 1, -1, attn.head_dim).transpose(1, 2)  # (b, heads, 1, d)
+        cos, sin = (t[:, -1:] for t in position_embeddings)
+        if past_key_values is not None and len(past_key_values.layers) > self.layer_idx:
+            keys = past_key_values.layers[self.layer_idx].keys  # (b, kv_heads, n, d), rotary already applied
+        else:  # no cache (e.g. under gradient checkpointing): the keys of this forward are all the keys
+            keys = attn.k_proj(self.input_layernorm(hidden_states))
+            keys = keys.view(bsz, keys.shape[1], -1, attn.head_dim).transpose(1, 2)
+            cos_all, sin_all = position_embeddings
+            _, keys = _apply_rotary(keys, keys, cos_all, sin_all)
+        query, _ = _apply_rotary(query, query, cos, sin)
+        keys = keys.repeat_interleave(attn.num_key_value_groups, dim=1)
+        logits = (query.float() @ keys.float().transpose(-1, -2)).squeeze(2) * attn.scaling  # (b, heads, n)
+        logits = logits.masked_fill(~state.key_valid[:, None, : logits.shape[-1]], float("-inf"))
+        row = logits.softmax(-1).mean(1)  # (b, n)
+        row = row.gather(1, state.saliency_columns).masked_fill(~state.saliency_valid, 0.0)
+        state.saliency_sum = row if state.saliency_sum is None else state.saliency_sum + row
+        state.saliency_layers += 1
+
+    # ----------------------------------------------------------------- routing
+    def _alpha(self, state: VedasForwardState, reference_count: torch.Tensor) -> torch.Tensor:
+        """α per sample: a count, or a fraction of the prompt length (at least one token)."""
+        if isinstance(self.routing_topk, float):
+            alpha = torch.ceil(self.routing_topk * state.prompt_lengths.float()).long().clamp(min=1)
+        else:
+            alpha = torch.full_like(reference_count, int(self.routing_topk))
+        return alpha
+
+    def _route(self, hidden_states, depth, position_embeddings, past_key_values, state: VedasForwardState):
+        key = (self.layer_idx, depth)
+        cache = past_key_values if isinstance(past_key_values, VedasCache) else None
+        scores = torch.sigmoid(self.depth_router(hidden_states).float()).squeeze(-1)  # (b, l), fp32
+        valid = state.token_valid
+        if state.routing_mode == "global":
+            threshold = _kth_largest(scores, valid, self._alpha(state, valid.sum(-1)))
+        elif cache is not None and key in cache.routing_thresholds:
+            threshold = cache.routing_thresholds[key]
+        else:
+            prompt = state.prompt_mask & valid
+            threshold = _kth_largest(scores, prompt, self._alpha(state, prompt.sum(-1)))
+            if cache is not None:
+                cache.routing_thresholds[key] = threshold
+        selected = valid & (scores >= threshold[:, None])
+
+        # gather the selected tokens in position order: a stable sort puts them first, padding slots after
+        counts = selected.sum(-1)
+        width = int(counts.max())
+        stats = {"selected": counts.float().mean(), "threshold": threshold.masked_fill(threshold.isinf(), 0).mean(),
+                 "score": (scores * valid).sum() / valid.sum().clamp(min=1)}
+        state.router_stats[key] = {name: value.detach() for name, value in stats.items()}
+        if state.record_scores:
+            state.router_scores[key] = (scores.detach(), selected)
+        if width == 0:
+            return hidden_states
+        order = torch.sort((~selected).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # (b, w)
+        sel_valid = torch.arange(width, device=counts.device)[None] < counts[:, None]
+        index = order.unsqueeze(-1)
+        h_sel = hidden_states.gather(1, index.expand(-1, -1, hidden_states.shape[-1]))
+
+        past = cache.routing_kv.get(key) if cache is not None else None
+        start = cache.routing_positions.get(key) if cache is not None else None
+        if self.routing_positions == "rearranged":
+            start = torch.zeros_like(counts) if start is None else start
+            positions = start[:, None] + torch.arange(width, device=counts.device)[None]
+            cos, sin = state.rotary_emb(h_sel, positions[None].expand(3, -1, -1))
+        else:
+            cos, sin = (t.gather(1, index.expand(-1, -1, t.shape[-1])) for t in position_embeddings)
+        if cache is not None:
+            base = torch.zeros_like(counts) if start is None else start
+            cache.routing_positions[key] = base + counts
+
+        # (b, 1, w, n_past + w) additive mask: valid past keys, causal among the new ones; invalid rows see
+        # themselves only, so no row is fully masked (their output is discarded)
+        new_causal = torch.ones(width, width, dtype=torch.bool, device=counts.device).tril()
+        allowed_new = new_causal[None] & sel_valid[:, None, :]
+        allowed_new = allowed_new | torch.eye(width, dtype=torch.bool, device=counts.device)[None]
+        if past is not None:
+            allowed_past = past[2][:, None, :].expand(-1, width, -1) & sel_valid[:, :, None]
+            allowed = torch.cat([allowed_past, allowed_new], dim=-1)
+        else:
+            allowed = allowed_new
+        mask = torch.zeros(allowed.shape, dtype=h_sel.dtype, device=h_sel.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(h_sel.dtype).min)[:, None]
+
+        kv = _SecondPassKV(cache.routing_kv if cache is not None else None, key, past)
+        kv.new_valid = sel_valid
+        f_sel = super().forward(h_sel, attention_mask=mask, past_key_values=kv, use_cache=True,
+                                position_embeddings=(cos, sin))
+        gate = scores.gather(1, order).unsqueeze(-1).to(h_sel.dtype)
+        delta = (f_sel - h_sel) * gate * self.depth_step_embed.weight[depth] * sel_valid.unsqueeze(-1)
+        return hidden_states + torch.zeros_like(hidden_states).scatter(1, index.expand_as(delta), delta)
+
+
+def _apply_rotary(q, k, cos, sin):
+    """Standard rotate-half rotary embedding; cos/sin are (batch, seq, head_dim)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+    def rotate_half(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+class DepthStepEmbedding(nn.Module):
+    """e(d), one learned vector per depth step (D, hidden); zero-initialised by default (`depth_gate_init`)."""
+
+    def __init__(self, max_depth: int, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(max_depth, hidden_size))
+
+
+class VedasDecoderLayer(VedasDecoderLayerMixin, Qwen2VLDecoderLayer):
+    """A Qwen2-VL decoder layer with saliency capture and, at `routing_layers`, routing depth scaling."""
+
+    def __init__(self, config, layer_idx: int, vedas_config):
+        super().__init__(config, layer_idx)
+        self._init_vedas(config, layer_idx, vedas_config)
+
+
+class Vedas25DecoderLayer(VedasDecoderLayerMixin, Qwen2_5_VLDecoderLayer):
+    """A Qwen2.5-VL decoder layer with saliency capture and, at `routing_layers`, routing depth scaling."""
+
+    def __init__(self, config, layer_idx: int, vedas_config):
+        super().__init__(config, layer_idx)
+        self._init_vedas(config, layer_idx, vedas_config)

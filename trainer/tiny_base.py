@@ -1,0 +1,177 @@
+"""Tiny Qwen2-VL / Qwen2.5-VL *base* checkpoints built offline: config, random weights, a byte-level BPE tokenizer
+trained with `tokenizers`, the real image processor and a chat template.
+
+All sizes live in :class:`TinySizes`; tests use the defaults and the embedded training run passes larger values.
+"""
+
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+)
+
+
+BACKBONES = ("qwen2_vl", "qwen2_5_vl")
+# the Qwen2-VL special tokens, in Qwen's order
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+# Qwen2-VL's chat template without the default system prompt (short prompts matter for a tiny model)
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+GENERIC_WORDS = (
+    "the answer is question choices choice option image picture what which where how many colour color "
+    "a b c d e yes no left right up down above below row column step start final cell arrow follow move "
+    "0 1 2 3 4 5 6 7 8 9 . , : ? ( ) - ! ' \""
+).split()
+
+
+@dataclass
+class TinySizes:
+    """Sizes of a tiny base model. `mrope_section` must sum to head_dim / 2."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    mrope_section: list[int] = field(default_factory=lambda: [4, 2, 2])
+    rope_theta: float = 10000.0
+    vision_depth: int = 2
+    vision_embed_dim: int = 64
+    vision_heads: int = 4
+    vision_mlp_ratio: int = 2
+    tokenizer_vocab_size: int = 600
+    spare_embedding_rows: int = 16
+    min_pixels: int = 28 * 28 * 4
+    max_pixels: int = 28 * 28 * 256
+    tie_word_embeddings: bool = True
+
+
+def training_corpus(extra_words=()) -> list[str]:
+    """Text to train the tokenizer on: the embedded task's vocabulary plus generic words."""
+    from .synthetic import synthetic_vocabulary
+
+    words = list(dict.fromkeys([*synthetic_vocabulary(), *GENERIC_WORDS, *extra_words]))
+    # each word alone and in a sentence, so BPE learns both word-initial (" red") and bare forms
+    return [" ".join(words)] * 8 + [f" {w}" for w in words] * 4 + words * 4
+
+
+def build_tokenizer(sizes: TinySizes, corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer: any text encodes, and the task's words become single tokens."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=sizes.tokenizer_vocab_size,
+        special_tokens=QWEN_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(corpus or training_corpus(), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        model_max_length=32768,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_processor(backbone: str, tokenizer, sizes: TinySizes):
+    image_processor = Qwen2VLImageProcessor(min_pixels=sizes.min_pixels, max_pixels=sizes.max_pixels)
+    processor_class = Qwen2VLProcessor if backbone == "qwen2_vl" else Qwen2_5_VLProcessor
+    processor = processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    return processor
+
+
+def build_config(backbone: str, tokenizer, sizes: TinySizes):
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}.")
+    rows = len(tokenizer) + sizes.spare_embedding_rows
+    rows = (rows + 63) // 64 * 64  # like Qwen: spare rows after the tokenizer's last id
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in QWEN_SPECIAL_TOKENS}
+    text = dict(
+        vocab_size=rows,
+        hidden_size=sizes.hidden_size,
+        intermediate_size=sizes.intermediate_size,
+        num_hidden_layers=sizes.num_hidden_layers,
+        num_attention_heads=sizes.num_attention_heads,
+        num_key_value_heads=sizes.num_key_value_heads,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": sizes.rope_theta, "mrope_section": sizes.mrope_section},
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    common = dict(
+        text_config=text,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=sizes.tie_word_embeddings,
+    )
+    if backbone == "qwen2_vl":
+        vision = dict(
+            depth=sizes.vision_depth,
+            embed_dim=sizes.vision_embed_dim,
+            hidden_size=sizes.hidden_size,  # the merger's output size = the LLM's hidden size
+            num_heads=sizes.vision_heads,
+            mlp_ratio=sizes.vision_mlp_ratio,
+        )
+        return Qwen2VLConfig(vision_config=vision, **common)
+    vision = dict(
+        depth=sizes.vision_depth,
+        hidden_size=sizes.vision_embed_dim,
+        intermediate_size=sizes.vision_embed_dim * sizes.vision_mlp_ratio,
+        num_heads=sizes.vision_heads,
+        out_hidden_size=sizes.hidden_size,
+        window_size=56,
+        fullatt_block_indexes=[sizes.vision_depth - 1],
+    )
+    return Qwen2_5_VLConfig(vision_config=vision, **common)
+
+
+def build_tiny_base(backbone: str, out_dir: str | None = None, seed: int = 0, sizes: TinySizes | None = None):
+    """Build (and, with `out_dir`, save) a tiny base model and its processor. Returns `(model, processor)`."""
+    sizes = sizes or TinySizes()
+    tokenizer = build_tokenizer(sizes)
+    processor = build_processor(backbone, tokenizer, sizes)
+    config = build_config(backbone, tokenizer, sizes)
+    torch.manual_seed(seed)
+    model_class = Qwen2VLForConditionalGeneration if backbone == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
+    model = model_class(config).eval()
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        model.save_pretrained(out_dir)
+        processor.save_pretrained(out_dir)
+    return model, processor
+
+
+__all__ = ["TinySizes", "build_tiny_base", "build_tokenizer", "build_processor", "build_config", "asdict"]
