@@ -1,6 +1,21 @@
-"""Vedas model package (the repository root, installed as ``vedas``)."""
+"""Vedas model package (the repository root, installed as ``vedas``).
 
-from .configuration_vedas import Vedas25Config, VedasConfig
-from .modeling_vedas import Vedas25ForConditionalGeneration, VedasForConditionalGeneration
+Attributes are imported lazily so that importing the package (as pytest does for the repository root) costs nothing.
+"""
 
-__all__ = ["VedasConfig", "Vedas25Config", "VedasForConditionalGeneration", "Vedas25ForConditionalGeneration"]
+_EXPORTS = {
+    "VedasConfig": "configuration_vedas",
+    "Vedas25Config": "configuration_vedas",
+    "VedasForConditionalGeneration": "modeling_vedas",
+    "Vedas25ForConditionalGeneration": "modeling_vedas",
+    "VedasCache": "routing_vedas",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

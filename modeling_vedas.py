@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import GenerationMixin, initialization as init
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
@@ -419,7 +420,10 @@ class VedasMixin:
             self.training and crop_images is not None and cfg.recon_weight > 0 and replay_on and layout.num_steps > 0
         )
         trace, recon_requests, recon_preds = [], [], []
-        ends = [layout.start + 1] + [layout.latent_column(t) + 1 for t in range(1, layout.num_steps)] + [length]
+        # pass 0 ends at <|start_latent|>, pass t at z(t); the last pass runs to the end of the batch (or, for
+        # generate, to z(T): the answer phase starts from <|end_latent|>)
+        last = layout.latent_column(layout.num_steps) + 1 if return_hidden_only else length
+        ends = [layout.start + 1] + [layout.latent_column(t) + 1 for t in range(1, layout.num_steps)] + [last]
         begin = 0
         for step, end in enumerate(ends):
             chunk = slice(begin if cached else 0, end)
@@ -590,18 +594,16 @@ class VedasMixin:
                 num_replay_tokens=num_replay, **image_kwargs, **kwargs,
             )
         else:
+            full_mask = torch.cat([layout_mask, torch.ones_like(end)], dim=1)
             hidden, cache, positions, mask, trace = self._latent_forward(
-                layout_ids, layout_mask, pixel_values, image_grid_thw, layout_types, None,
+                full_ids, full_mask, pixel_values, image_grid_thw, layout_types, None,
                 num_replay_tokens=num_replay, use_cache=True, output_latent_trace=output_latent_trace,
                 return_hidden_only=True,
             )
-            # <|end_latent|> continues the text position counter after the last latent
-            next_position = positions[:, :, -1:] + 1
-            full_positions = torch.cat([positions, next_position], dim=2)
-            full_mask = torch.cat([mask, torch.ones_like(end)], dim=1)
-            self.model.rope_deltas = next_position[0] - full_mask.sum(-1, keepdim=True) + 1
+            # the answer continues the text position counter after the last latent; keep rope_deltas consistent
+            self.model.rope_deltas = positions[0, :, -1:] - mask.sum(-1, keepdim=True) + 1
             outputs = super().generate(
-                input_ids=full_ids, attention_mask=full_mask, position_ids=full_positions, past_key_values=cache,
+                input_ids=full_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                 use_cache=True, **kwargs,
             )
         if return_dict:
@@ -647,6 +649,14 @@ class Vedas25ForConditionalGeneration(VedasMixin, Qwen2_5_VLForConditionalGenera
         super().__init__(config)
         self._init_vedas_modules()
         self.post_init()
+
+
+# Custom classes do not inherit the backbone's key renames; register them so legacy-layout checkpoints
+# (`visual.*`, `model.layers.*`) load with no missing or unexpected keys.
+for _name in ("VedasForConditionalGeneration", "Vedas25ForConditionalGeneration"):
+    register_checkpoint_conversion_mapping(
+        _name, get_checkpoint_conversion_mapping("Qwen2VLForConditionalGeneration"), overwrite=True
+    )
 
 
 __all__ = ["VedasForConditionalGeneration", "Vedas25ForConditionalGeneration", "VedasCausalLMOutput", "VedasCache"]

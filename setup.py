@@ -20,6 +20,7 @@ setup(
     python_requires=">=3.10",
     package_dir={"vedas": ".", "vedas_trainer": "trainer"},
     packages=["vedas", "vedas_trainer"],
+    package_data={"vedas": ["MODEL_CARD.md"]},
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",

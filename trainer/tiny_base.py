@@ -18,6 +18,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
 )
 
 
@@ -104,7 +105,10 @@ def build_tokenizer(sizes: TinySizes, corpus: list[str] | None = None) -> PreTra
 def build_processor(backbone: str, tokenizer, sizes: TinySizes):
     image_processor = Qwen2VLImageProcessor(min_pixels=sizes.min_pixels, max_pixels=sizes.max_pixels)
     processor_class = Qwen2VLProcessor if backbone == "qwen2_vl" else Qwen2_5_VLProcessor
-    processor = processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=CHAT_TEMPLATE)
+    video_processor = Qwen2VLVideoProcessor(min_pixels=sizes.min_pixels, max_pixels=sizes.max_pixels)
+    processor = processor_class(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=CHAT_TEMPLATE
+    )
     return processor
 
 
