@@ -1,0 +1,167 @@
+"""The embedded "follow the arrows" task (trainer/synthetic.py)."""
+
+import io
+import re
+import time
+
+import pytest
+
+from vedas_trainer.answers import extract_answer
+from vedas_trainer.synthetic import (
+    CELL_PX,
+    COLOURS,
+    DIRECTIONS,
+    build_splits,
+    build_synthetic_dataset,
+    make_sample,
+    scene_hash,
+    solve,
+    synthetic_vocabulary,
+)
+
+STEP = re.compile(r"^(start|step (\d)) : row (\d) col (\d) , (\w+) arrow (\w+)(?: , (\w+) is option ([A-Z]))?$")
+
+
+def _png(image):
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return build_splits(200, 50, 50, seed=123)
+
+
+def test_same_seed_same_sample_different_seed_different():
+    a, b, c = make_sample(7), make_sample(7), make_sample(8)
+    assert _png(a["images"][0]) == _png(b["images"][0])
+    assert {k: a[k] for k in a if k != "images"} == {k: b[k] for k in b if k != "images"}
+    assert _png(a["images"][0]) != _png(c["images"][0])
+    assert a["scene"] != c["scene"]
+
+
+def test_dataset_is_deterministic():
+    a = build_synthetic_dataset(20, seed=5, split="test")
+    b = build_synthetic_dataset(20, seed=5, split="test")
+    c = build_synthetic_dataset(20, seed=6, split="test")
+    assert a.data.table.equals(b.data.table)  # every column, the PNG bytes included
+    png_bytes = lambda ds: [img["bytes"] for row in ds.data.table.column("images").to_pylist() for img in row]
+    assert png_bytes(a) == png_bytes(b) and png_bytes(a) != png_bytes(c)
+    assert a["scene"] != c["scene"]
+
+
+def test_splits_do_not_overlap(splits):
+    hashes = {name: [scene_hash(row) for row in ds] for name, ds in splits.items()}
+    assert [len(h) for h in hashes.values()] == [200, 50, 50]
+    for name, values in hashes.items():
+        assert len(set(values)) == len(values), f"duplicate puzzle inside {name}"
+    assert not set(hashes["train"]) & set(hashes["test"])
+    assert not set(hashes["train"]) & set(hashes["validation"])
+    assert not set(hashes["validation"]) & set(hashes["test"])
+    assert not set(splits["train"]["id"]) & set(splits["test"]["id"])
+
+
+def test_splits_dedupe_in_a_tiny_puzzle_space():
+    # A 2x2 grid with 2 colours and 1 move has only 2^4 * 2^4 * 4 = 1024 puzzles: collisions are
+    # frequent, so this exercises the deduplication rather than the disjoint seeds.
+    kwargs = dict(grid=2, n_colours=2, n_moves=1)
+    ds = build_splits(300, 100, 100, seed=0, **kwargs)
+    train = {scene_hash(r) for r in ds["train"]}
+    test = {scene_hash(r) for r in ds["test"]}
+    assert len(train) == 300 and len(test) == 100 and not train & test
+
+
+def test_cot_consistent_with_scene_and_answer(splits):
+    vocabulary = set(synthetic_vocabulary())
+    for sample in splits["train"]:
+        scene, kwargs = sample["scene"], sample["question_kwargs"]
+        # The answer is re-derived from the scene graph alone.
+        assert solve(scene, kwargs) == sample["answer"]
+        assert f"follow {kwargs['n_moves']} arrow" in sample["question"]
+        assert len(sample["steps"]) == kwargs["n_moves"] + 1
+        assert 2 <= len(sample["steps"]) <= 4
+
+        row, col = scene["start"]
+        for i, step in enumerate(sample["steps"]):
+            match = STEP.match(step)
+            assert match, step
+            assert match.group(1) == ("start" if i == 0 else f"step {i}")
+            r, c = int(match.group(3)) - 1, int(match.group(4)) - 1
+            # Each step names the cell reached so far, with that cell's colour and direction.
+            assert (r, c) == (row, col), step
+            assert [match.group(5), match.group(6)] == scene["cells"][r][c], step
+            d_row, d_col = DIRECTIONS[match.group(6)]
+            row, col = row + d_row, col + d_col
+            assert set(step.split()) <= vocabulary, step
+
+        last = STEP.match(sample["steps"][-1])
+        final_colour = last.group(5)
+        if kwargs["form"] == "mc":
+            assert sample["choices"] == kwargs["choices"]
+            assert sample["choices"][ord(sample["answer"]) - ord("A")] == final_colour
+            assert last.group(8) == sample["answer"]
+            assert extract_answer(f"answer : {final_colour}", sample["choices"]) == sample["answer"]
+        else:
+            assert sample["choices"] is None
+            assert sample["answer"] == final_colour
+        assert set(sample["question"].split()) <= vocabulary
+
+
+def test_images_decode_with_scene_colours(splits):
+    for sample in splits["test"].select(range(20)):
+        (image,) = sample["images"]
+        grid = sample["scene"]["grid_size"]
+        assert image.mode == "RGB" and image.size == (grid * CELL_PX, grid * CELL_PX)
+        for r in range(grid):
+            for c in range(grid):
+                cy, cx = r * CELL_PX + CELL_PX // 2, c * CELL_PX + CELL_PX // 2
+                region = [image.getpixel((cx + dx, cy + dy)) for dx in (-1, 0) for dy in (-1, 0)]
+                expected = COLOURS[sample["scene"]["cells"][r][c][0]]
+                assert all(pixel == expected for pixel in region), (sample["id"], r, c, region)
+        # The start cell's thick border is black (a quarter down its left edge: distractors sit
+        # on cell corners and edge midpoints only).
+        sr, sc = sample["scene"]["start"]
+        assert image.getpixel((sc * CELL_PX + 1, sr * CELL_PX + CELL_PX // 4)) == (0, 0, 0)
+
+
+def test_distractors_do_not_change_the_answer():
+    clean = make_sample(11, distractor_prob=0.0)
+    cluttered = make_sample(11, distractor_prob=1.0)
+    assert cluttered["scene"]["distractors"] and not clean["scene"]["distractors"]
+    assert clean["answer"] == cluttered["answer"] and clean["steps"] == cluttered["steps"]
+    # Arrows are untouched: every cell centre keeps its colour.
+    image = cluttered["images"][0]
+    for r, row in enumerate(cluttered["scene"]["cells"]):
+        for c, (colour, _) in enumerate(row):
+            assert image.getpixel((c * CELL_PX + 13, r * CELL_PX + 13)) == COLOURS[colour]
+
+
+@pytest.mark.parametrize("grid,n_moves", [(3, 3), (5, (1, 3)), (4, 2)])
+def test_configurable_grid_and_moves(grid, n_moves):
+    for seed in range(20):
+        sample = make_sample(seed, grid=grid, n_moves=n_moves)
+        assert sample["images"][0].size == (grid * CELL_PX,) * 2
+        low, high = (n_moves, n_moves) if isinstance(n_moves, int) else n_moves
+        assert low + 1 <= len(sample["steps"]) <= high + 1
+        assert solve(sample["scene"], sample["question_kwargs"]) == sample["answer"]
+
+
+def test_question_forms():
+    short = make_sample(1, form="short")
+    mc = make_sample(1, form="mc", n_options=3)
+    assert short["choices"] is None and short["answer"] in COLOURS
+    assert len(mc["choices"]) == 3 and mc["answer"] in "ABC"
+    assert "options : A" in mc["question"] and "options" not in short["question"]
+
+
+def test_vocabulary_is_small_and_lowercase():
+    vocabulary = synthetic_vocabulary()
+    assert len(vocabulary) == len(set(vocabulary)) and 30 <= len(vocabulary) <= 80
+    assert all(w.islower() or not w.isalpha() or (len(w) == 1 and w.isupper()) for w in vocabulary)
+
+
+def test_generation_is_fast():
+    start = time.perf_counter()
+    build_synthetic_dataset(1000, seed=0, split="train")
+    assert time.perf_counter() - start < 5.0

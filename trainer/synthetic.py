@@ -1,0 +1,479 @@
+"""The embedded procedural task: "follow the arrows" (DESIGN.md section 4).
+
+Each image is an N x N grid of 28 px cells. With Qwen2-VL's 14 px patches and 2 x 2 merge, one cell
+is exactly one merged visual token, so reading a cell is close to a lookup and a ~2 M parameter
+model can learn the task on CPU in minutes (see ``shared/notes/embedded-task-feasibility.md``).
+
+Every cell holds a small filled triangle ("arrow") with a colour, a direction and a size. One cell,
+the start, has a thick black border. The question asks for the colour of the arrow reached after
+following ``n_moves`` arrows from the start, either as a short answer (a colour word) or as multiple
+choice (the options are listed in the question; the answer is their letter).
+
+The rationale names what is seen at every step (row, column, colour, direction): the feasibility
+experiment showed that a CoT naming the colour only at the end is not learned reliably::
+
+    start : row 2 col 3 , yellow arrow up
+    step 1 : row 1 col 3 , red arrow down
+    step 2 : row 2 col 3 , yellow arrow up            (multiple choice adds " , yellow is option B")
+
+With ``n_moves`` moves there are ``n_moves + 1`` steps (the default 2-3 moves gives 3-4 steps, within
+the curriculum's ``max_latent_stage`` of 4). Steps are returned as a list; the collator joins them
+with blank lines, as DESIGN.md 1.3 expects.
+
+Optional distractors are small dots/squares centred on grid-line points, so they overlap the corners
+or edges of several cells (and so several visual tokens) without ever covering an arrow. They carry
+no meaning and never change the answer.
+
+All text is lowercase words separated by single spaces, with punctuation as separate tokens; the
+only capitals are the option letters. :func:`synthetic_vocabulary` lists every token the task can
+emit, for training a word-level tokenizer.
+
+Row and column numbers are 1-based in the text and 0-based in the scene graph.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import random
+from typing import Any, Iterator, Sequence
+
+import datasets
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "CELL_PX",
+    "COLOURS",
+    "DIRECTIONS",
+    "make_sample",
+    "solve",
+    "scene_hash",
+    "build_synthetic_dataset",
+    "build_splits",
+    "synthetic_vocabulary",
+    "synthetic_features",
+]
+
+# One cell = one merged visual token: 14 px patches, merged 2 x 2 by Qwen2-VL's PatchMerger.
+CELL_PX = 28
+
+# Saturated, well separated colours, so that a centre pixel identifies the colour unambiguously.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 200, 20),
+    "purple": (150, 60, 190),
+    "orange": (245, 130, 20),
+}
+# Distractors may also be grey; black is reserved for the start marker.
+DISTRACTOR_COLOURS: dict[str, tuple[int, int, int]] = {**COLOURS, "grey": (128, 128, 128)}
+BACKGROUND = (255, 255, 255)
+GRID_LINE = (205, 205, 205)
+START_BORDER = (0, 0, 0)
+START_BORDER_PX = 3
+
+# (d_row, d_col) for each direction.
+DIRECTIONS: dict[str, tuple[int, int]] = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
+
+# Numbers are single tokens "1".."9", so grids and move counts are capped at 9.
+MAX_GRID = 9
+MAX_MOVES = 9
+LETTERS = "ABCDEFGHIJ"
+
+SPLIT_IDS = ("train", "validation", "test")
+
+
+# --------------------------------------------------------------------------------------------------
+# Scene generation
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_rng(seed_or_rng: int | str | random.Random) -> random.Random:
+    if isinstance(seed_or_rng, random.Random):
+        return seed_or_rng
+    # ``random.Random`` seeds str deterministically (sha512), independent of PYTHONHASHSEED.
+    return random.Random(seed_or_rng)
+
+
+def _pick_n_moves(rng: random.Random, n_moves: int | Sequence[int]) -> int:
+    if isinstance(n_moves, int):
+        return n_moves
+    low, high = n_moves
+    return rng.randint(low, high)
+
+
+def _follow(cells: list[list[list[str]]], start: Sequence[int], n_moves: int) -> list[list[int]]:
+    """Cells visited from ``start`` following ``n_moves`` arrows (start included)."""
+    row, col = start
+    path = [[row, col]]
+    for _ in range(n_moves):
+        d_row, d_col = DIRECTIONS[cells[row][col][1]]
+        row, col = row + d_row, col + d_col
+        path.append([row, col])
+    return path
+
+
+def _question_text(n_moves: int, choices: list[str] | None) -> str:
+    noun = "arrow" if n_moves == 1 else "arrows"
+    text = f"start at the marked cell and follow {n_moves} {noun} . what colour is the arrow in the final cell ?"
+    if choices is not None:
+        options = " , ".join(f"{LETTERS[i]} {choice}" for i, choice in enumerate(choices))
+        text += f" options : {options}"
+    return text
+
+
+def _step_text(label: str, row: int, col: int, colour: str, direction: str) -> str:
+    return f"{label} : row {row + 1} col {col + 1} , {colour} arrow {direction}"
+
+
+def _triangle(cx: float, cy: float, half: int, direction: str) -> list[tuple[float, float]]:
+    """An isosceles triangle centred on (cx, cy), pointing in ``direction``, inside a 2*half box.
+
+    The cell centre is always strictly inside it (half-width there is half/2), which the tests use.
+    """
+    d_row, d_col = DIRECTIONS[direction]
+    # Unit vector along the arrow (x = col, y = row) and its perpendicular.
+    ux, uy = d_col, d_row
+    px, py = -uy, ux
+    tip = (cx + ux * half, cy + uy * half)
+    base_left = (cx - ux * half + px * half, cy - uy * half + py * half)
+    base_right = (cx - ux * half - px * half, cy - uy * half - py * half)
+    return [tip, base_left, base_right]
+
+
+def _render(scene: dict[str, Any]) -> Image.Image:
+    grid = scene["grid_size"]
+    size = grid * CELL_PX
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    for row in range(grid):
+        for col in range(grid):
+            x0, y0 = col * CELL_PX, row * CELL_PX
+            # Thin grid lines help locate cells but stay well away from the arrow colours.
+            draw.rectangle([x0, y0, x0 + CELL_PX - 1, y0 + CELL_PX - 1], outline=GRID_LINE, width=1)
+            colour, direction = scene["cells"][row][col]
+            half = scene["sizes"][row][col]
+            # Centre of the cell in pixel coordinates (pixels x0..x0+27, centre between 13 and 14).
+            cx, cy = x0 + (CELL_PX - 1) / 2, y0 + (CELL_PX - 1) / 2
+            draw.polygon(_triangle(cx, cy, half, direction), fill=COLOURS[colour])
+    # The start marker is drawn after the grid lines so that it is never overdrawn by them.
+    s_row, s_col = scene["start"]
+    x0, y0 = s_col * CELL_PX, s_row * CELL_PX
+    draw.rectangle(
+        [x0, y0, x0 + CELL_PX - 1, y0 + CELL_PX - 1], outline=START_BORDER, width=START_BORDER_PX
+    )
+    for d in scene["distractors"]:
+        box = [d["x"] - d["radius"], d["y"] - d["radius"], d["x"] + d["radius"], d["y"] + d["radius"]]
+        fill = DISTRACTOR_COLOURS[d["colour"]]
+        if d["shape"] == "dot":
+            draw.ellipse(box, fill=fill)
+        else:
+            draw.rectangle(box, fill=fill)
+    return image
+
+
+def _make_distractors(rng: random.Random, grid: int, prob: float) -> list[dict[str, Any]]:
+    """Small shapes centred on grid-line points (cell corners or edge midpoints).
+
+    Arrows reach at most 9 px from their cell centre and distractors have a radius of at most 3 px,
+    so a distractor overlaps the border area of 2-4 cells (2-4 visual tokens) but never an arrow: it
+    cannot change what a cell shows, only adds clutter that a model has to learn to ignore.
+    """
+    distractors = []
+    n = sum(rng.random() < prob for _ in range(grid * grid))
+    for _ in range(n):
+        if rng.random() < 0.5:
+            # Interior corner shared by four cells.
+            x = rng.randint(1, grid - 1) * CELL_PX
+            y = rng.randint(1, grid - 1) * CELL_PX
+        elif rng.random() < 0.5:
+            # Midpoint of a vertical edge between two horizontally adjacent cells.
+            x = rng.randint(1, grid - 1) * CELL_PX
+            y = rng.randrange(grid) * CELL_PX + CELL_PX // 2
+        else:
+            x = rng.randrange(grid) * CELL_PX + CELL_PX // 2
+            y = rng.randint(1, grid - 1) * CELL_PX
+        distractors.append(
+            {
+                "x": x,
+                "y": y,
+                "radius": rng.choice((2, 3)),
+                "shape": rng.choice(("dot", "square")),
+                "colour": rng.choice(sorted(DISTRACTOR_COLOURS)),
+            }
+        )
+    return distractors
+
+
+def make_sample(
+    seed_or_rng: int | str | random.Random,
+    grid: int = 4,
+    n_moves: int | Sequence[int] = (2, 3),
+    n_colours: int = 4,
+    form: str | None = None,
+    mc_prob: float = 0.5,
+    n_options: int = 4,
+    distractor_prob: float = 0.1,
+    arrow_sizes: Sequence[int] = (6, 7, 8),
+    sample_id: str | None = None,
+) -> dict[str, Any]:
+    """Draw one sample of the "follow the arrows" task.
+
+    Args:
+        seed_or_rng: an int/str seed or a ``random.Random`` (which is advanced).
+        grid: cells per side (2-9); the image is ``grid * 28`` px square, ``grid**2`` visual tokens.
+        n_moves: number of arrows to follow, or an inclusive ``(min, max)`` range (1-9).
+        n_colours: how many of :data:`COLOURS` the arrows use (2-6); chance is ``1 / n_colours``.
+        form: ``"short"`` or ``"mc"``; ``None`` picks ``"mc"`` with probability ``mc_prob``.
+        n_options: options for multiple choice (capped at ``n_colours``); they always include the
+            answer and are shuffled, so the letter has to be read from the question.
+        distractor_prob: expected fraction of cells that add a small distractor shape.
+        arrow_sizes: possible half-sizes (px) of an arrow's bounding box; each cell draws one.
+        sample_id: the ``id`` field; defaults to one derived from the seed when it is an int/str.
+
+    Returns:
+        The unified sample dict plus ``scene`` (the scene graph, 0-based indices) and
+        ``question_kwargs`` (``n_moves``, ``form``, ``choices``): ``solve(scene, question_kwargs)``
+        recomputes ``answer`` from them alone.
+    """
+    if not 2 <= grid <= MAX_GRID:
+        raise ValueError(f"grid must be in [2, {MAX_GRID}], got {grid}")
+    if not 2 <= n_colours <= len(COLOURS):
+        raise ValueError(f"n_colours must be in [2, {len(COLOURS)}], got {n_colours}")
+    if form not in (None, "short", "mc"):
+        raise ValueError(f"form must be None, 'short' or 'mc', got {form!r}")
+    if max(arrow_sizes) > CELL_PX // 2 - 5 or min(arrow_sizes) < 3:
+        raise ValueError("arrow_sizes must lie in [3, 9] px so arrows stay clear of grid lines")
+
+    rng = _as_rng(seed_or_rng)
+    moves = _pick_n_moves(rng, n_moves)
+    if not 1 <= moves <= MAX_MOVES:
+        raise ValueError(f"n_moves must be in [1, {MAX_MOVES}], got {moves}")
+    palette = list(COLOURS)[:n_colours]
+
+    cells: list[list[list[str]]] = []
+    for row in range(grid):
+        cells.append([])
+        for col in range(grid):
+            # Only directions that stay inside the grid, so every path is well defined.
+            inside = [
+                name
+                for name, (d_row, d_col) in DIRECTIONS.items()
+                if 0 <= row + d_row < grid and 0 <= col + d_col < grid
+            ]
+            cells[row].append([rng.choice(palette), rng.choice(inside)])
+    sizes = [[rng.choice(arrow_sizes) for _ in range(grid)] for _ in range(grid)]
+    start = [rng.randrange(grid), rng.randrange(grid)]
+    path = _follow(cells, start, moves)
+
+    if form is None:
+        form = "mc" if rng.random() < mc_prob else "short"
+    final_colour = cells[path[-1][0]][path[-1][1]][0]
+    choices = None
+    if form == "mc":
+        others = [c for c in palette if c != final_colour]
+        choices = rng.sample(others, min(n_options, n_colours) - 1) + [final_colour]
+        rng.shuffle(choices)
+
+    scene = {
+        "grid_size": grid,
+        "cells": cells,
+        "sizes": sizes,
+        "start": start,
+        "path": path,
+        "distractors": _make_distractors(rng, grid, distractor_prob),
+    }
+    question_kwargs = {"n_moves": moves, "form": form, "choices": choices}
+    answer = solve(scene, question_kwargs)
+
+    steps = []
+    for i, (row, col) in enumerate(path):
+        colour, direction = cells[row][col]
+        steps.append(_step_text("start" if i == 0 else f"step {i}", row, col, colour, direction))
+    if choices is not None:
+        # Make the colour -> letter lookup an explicit, supervised step as well.
+        steps[-1] += f" , {final_colour} is option {answer}"
+
+    if sample_id is None:
+        sample_id = f"arrows-{seed_or_rng}" if isinstance(seed_or_rng, (int, str)) else "arrows"
+    return {
+        "id": sample_id,
+        "images": [_render(scene)],
+        "question": _question_text(moves, choices),
+        "choices": choices,
+        "steps": steps,
+        "answer": answer,
+        "scene": scene,
+        "question_kwargs": question_kwargs,
+    }
+
+
+def solve(scene: dict[str, Any], question_kwargs: dict[str, Any]) -> str:
+    """The answer, derived from the scene graph alone (not from ``scene["path"]`` or the steps).
+
+    Follows ``question_kwargs["n_moves"]`` arrows from ``scene["start"]``; returns the final cell's
+    colour word, or for multiple choice the letter of that colour in ``question_kwargs["choices"]``.
+    """
+    row, col = scene["start"]
+    for _ in range(question_kwargs["n_moves"]):
+        d_row, d_col = DIRECTIONS[scene["cells"][row][col][1]]
+        row, col = row + d_row, col + d_col
+        if not (0 <= row < scene["grid_size"] and 0 <= col < scene["grid_size"]):
+            raise ValueError("an arrow points outside the grid: invalid scene")
+    colour = scene["cells"][row][col][0]
+    if question_kwargs.get("form", "short") == "mc":
+        return LETTERS[list(question_kwargs["choices"]).index(colour)]
+    return colour
+
+
+def scene_hash(sample: dict[str, Any]) -> str:
+    """Canonical hash of the puzzle: arrow colours/directions, start cell and number of moves.
+
+    Deliberately left out: arrow sizes, distractors, question form and option order. They do not
+    change the reasoning, so two samples that differ only there are the same puzzle, and must not
+    be split between train and test.
+    """
+    scene = sample["scene"]
+    key = {
+        "cells": [[list(cell) for cell in row] for row in scene["cells"]],
+        "start": list(scene["start"]),
+        "n_moves": int(sample["question_kwargs"]["n_moves"]),
+    }
+    return hashlib.sha1(json.dumps(key, separators=(",", ":")).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------
+# datasets
+# --------------------------------------------------------------------------------------------------
+
+
+def synthetic_features() -> datasets.Features:
+    """``datasets`` features of a synthetic sample (unified schema + scene graph)."""
+    string, int32 = datasets.Value("string"), datasets.Value("int32")
+    List = datasets.List
+    return datasets.Features(
+        {
+            "id": string,
+            "images": List(datasets.Image()),
+            "question": string,
+            "choices": List(string),
+            "steps": List(string),
+            "answer": string,
+            "scene": {
+                "grid_size": int32,
+                "cells": List(List(List(string))),
+                "sizes": List(List(int32)),
+                "start": List(int32),
+                "path": List(List(int32)),
+                "distractors": List(
+                    {"x": int32, "y": int32, "radius": int32, "shape": string, "colour": string}
+                ),
+            },
+            "question_kwargs": {"n_moves": int32, "form": string, "choices": List(string)},
+        }
+    )
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def _unique_samples(
+    n: int, seed: int, split: str, exclude: set[str], task_kwargs: dict[str, Any]
+) -> Iterator[dict[str, Any]]:
+    """Yield ``n`` samples whose scene hash is not in ``exclude`` (which is updated in place)."""
+    if split not in SPLIT_IDS:
+        raise ValueError(f"split must be one of {SPLIT_IDS}, got {split!r}")
+    produced, index = 0, 0
+    # Generous, but finite: tiny configurations (e.g. a 2x2 grid) can run out of distinct puzzles.
+    max_attempts = 20 * n + 1000
+    while produced < n:
+        if index >= max_attempts:
+            raise RuntimeError(
+                f"only {produced}/{n} distinct puzzles for split {split!r} after {index} draws; "
+                "the task configuration has too few distinct scenes"
+            )
+        # One independent stream per (seed, split, index): splits never share a stream.
+        rng_seed = f"vedas-arrows/{seed}/{split}/{index}"
+        sample = make_sample(rng_seed, sample_id=f"arrows-{split}-{seed}-{index}", **task_kwargs)
+        index += 1
+        key = scene_hash(sample)
+        if key in exclude:
+            continue
+        exclude.add(key)
+        produced += 1
+        yield sample
+
+
+def build_synthetic_dataset(
+    n: int,
+    seed: int = 0,
+    split: str = "train",
+    *,
+    exclude: set[str] | None = None,
+    **task_kwargs: Any,
+) -> datasets.Dataset:
+    """``n`` distinct samples as a ``datasets.Dataset`` (images stored as an Image sequence).
+
+    Samples are deterministic in ``(seed, split)``. ``exclude`` is a set of :func:`scene_hash`
+    values to avoid; it is extended with the hashes of the returned samples. ``task_kwargs`` go to
+    :func:`make_sample` (``grid``, ``n_moves``, ``form``, ...).
+    """
+    exclude = set() if exclude is None else exclude
+    rows = []
+    for sample in _unique_samples(n, seed, split, exclude, task_kwargs):
+        # Encode the PNGs here, once and with fast compression: left to ``datasets`` they are
+        # encoded twice at the default level, which was ~2/3 of the build time. PNG is lossless.
+        sample["images"] = [{"bytes": _png_bytes(image), "path": None} for image in sample["images"]]
+        rows.append(sample)
+    features = synthetic_features()
+    info = datasets.DatasetInfo(description="Vedas embedded task: follow the arrows", features=features)
+    return datasets.Dataset.from_list(rows, features=features, info=info, split=datasets.NamedSplit(split))
+
+
+def build_splits(
+    n_train: int, n_val: int, n_test: int, seed: int = 0, **task_kwargs: Any
+) -> datasets.DatasetDict:
+    """Train/validation/test splits with disjoint seeds and no shared puzzle (by scene hash)."""
+    seen: set[str] = set()
+    # Test first: its content then does not depend on n_train/n_val, so growing the training set
+    # never changes the held-out numbers.
+    test = build_synthetic_dataset(n_test, seed, "test", exclude=seen, **task_kwargs)
+    val = build_synthetic_dataset(n_val, seed, "validation", exclude=seen, **task_kwargs)
+    train = build_synthetic_dataset(n_train, seed, "train", exclude=seen, **task_kwargs)
+    return datasets.DatasetDict({"train": train, "validation": val, "test": test})
+
+
+# --------------------------------------------------------------------------------------------------
+# Vocabulary
+# --------------------------------------------------------------------------------------------------
+
+
+def synthetic_vocabulary() -> list[str]:
+    """Every word/punctuation token the task can emit, for any supported configuration.
+
+    Covers questions, options, steps, answers and the ``answer : X`` line that prompts/targets use.
+    Order is fixed (first appearance), so a tokenizer trained on it is reproducible.
+    """
+    words: list[str] = []
+    texts = [
+        _question_text(1, None),
+        _question_text(2, list(COLOURS)),
+        _step_text("start", 0, 0, "red", "up"),
+        _step_text("step 1", 0, 0, "red", "up"),
+        "answer : red",
+        " , red is option A",
+        " ".join(COLOURS),
+        " ".join(DIRECTIONS),
+        " ".join(str(i) for i in range(1, max(MAX_GRID, MAX_MOVES) + 1)),
+        " ".join(LETTERS[: len(COLOURS)]),
+    ]
+    for text in texts:
+        for word in text.split():
+            if word not in words:
+                words.append(word)
+    return words
