@@ -265,12 +265,16 @@ class VedasMixin:
             )
         layout = _LatentLayout(int(start_columns), steps, int(steps.max()), slots)
         # expected tokens after the marker: [replay x R, latent] x T_row, end_latent
-        width = layout.num_steps * (slots + 1) + 1
-        if layout.start + width > input_ids.shape[1]:
+        available = input_ids.shape[1] - layout.start - 1
+        needed = steps * (slots + 1) + 1
+        if bool((needed > available).any()):
+            row = int((needed > available).int().argmax())
             raise ValueError(
-                f"The latent block needs {width} columns after <|start_latent|> (column {layout.start}) but the "
-                f"batch has only {input_ids.shape[1] - layout.start - 1}."
+                f"Sample {row} of the batch has a malformed latent layout: its {int(steps[row])} <|latent|> slots "
+                f"with {slots} <|replay|> slots each need {int(needed[row])} columns after <|start_latent|>, "
+                f"only {available} follow."
             )
+        width = int(needed.max())
         block = input_ids[:, layout.start + 1 : layout.start + 1 + width]
         pattern = torch.full((slots + 1,), cfg.replay_token_id, device=input_ids.device)
         pattern[-1] = cfg.latent_token_id
@@ -424,7 +428,7 @@ class VedasMixin:
         # generate, to z(T): the answer phase starts from <|end_latent|>)
         last = layout.latent_column(layout.num_steps) + 1 if return_hidden_only else length
         ends = [layout.start + 1] + [layout.latent_column(t) + 1 for t in range(1, layout.num_steps)] + [last]
-        begin = 0
+        begin, hidden_chunks = 0, []
         for step, end in enumerate(ends):
             chunk = slice(begin if cached else 0, end)
             capture = replay_on and step < layout.num_steps
@@ -439,6 +443,7 @@ class VedasMixin:
                 inputs_embeds=embeds[:, chunk], attention_mask=mask[:, :end], position_ids=positions[:, :, chunk],
                 past_key_values=cache, use_cache=cached, vedas_state=state,
             ).last_hidden_state
+            hidden_chunks.append(hidden)
             begin = end
             if step == layout.num_steps:
                 break
@@ -491,6 +496,8 @@ class VedasMixin:
         if return_hidden_only:
             return hidden, cache, positions, mask, trace
 
+        if cached:  # every column was computed exactly once, by the pass that covered it
+            hidden = torch.cat(hidden_chunks, dim=1)
         logits = self.lm_head(hidden)
         ce_loss = recon_loss = loss = None
         if labels is not None:
