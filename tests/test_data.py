@@ -9,7 +9,6 @@ import io
 import itertools
 import json
 import logging
-import os
 import pickle
 import random
 import re
@@ -93,6 +92,13 @@ def m3cot_row(i, image="img/a.png", **overrides):
     return row
 
 
+def sqa_row(**overrides):
+    row = {"question": "q", "choices": ["a", "b", "c"], "answer": 1, "lecture": "l", "solution": "s",
+           "image": "img/a.png"}
+    row.update(overrides)
+    return row
+
+
 # ----------------------------------------------------------------------------------------------------
 # Steps
 # ----------------------------------------------------------------------------------------------------
@@ -115,6 +121,11 @@ def test_merge_steps_keeps_short_lists():
 def test_merge_steps_equal_steps_into_equal_chunks():
     steps = [f"step{i}" for i in range(8)]
     assert merge_steps(steps, 4) == ["step0\nstep1", "step2\nstep3", "step4\nstep5", "step6\nstep7"]
+
+
+def test_merge_steps_ties_are_deterministic():
+    assert merge_steps(list("abcdefg"), 4) == ["a", "b\nc", "d\ne", "f\ng"]
+    assert merge_steps(list("abcde"), 2) == ["a\nb", "c\nd\ne"]
 
 
 def test_merge_steps_isolates_a_long_step():
@@ -227,6 +238,12 @@ def test_image_modes_become_rgb(make):
     assert image.getpixel((28, 28)) == pytest.approx(centre, abs=3)  # abs: JPEG (CMYK) rounding
 
 
+def test_animated_pil_image_gives_first_frame():
+    image = Image.open(io.BytesIO(_animated_gif()[0]))
+    image.seek(2)  # a caller may hand over an animation positioned on a later frame
+    assert load_image(image).getpixel((28, 28)) == RED
+
+
 def test_alpha_is_composited_on_white():
     for data, _ in (_rgba(), _la(), _p_transparent()):
         assert load_image(data, min_pixels=40 * 40).getpixel((0, 0)) == WHITE
@@ -319,6 +336,8 @@ def test_missing_and_corrupt_images(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"definitely not a png")
     with pytest.raises(DataError, match=r"row 7, field 'images\[1\]': cannot decode image .*bad\.png"):
         load_image("bad.png", tmp_path, row=7, field="images[1]")
+    with pytest.raises(DataError, match=r"row 7, field 'image': .*empty image"):
+        load_image(Image.new("RGB", (0, 5)), row=7)
     for value in (None, "", {"bytes": None, "path": None}):
         with pytest.raises(DataError, match="missing image"):
             load_image(value, row=7)
@@ -382,7 +401,8 @@ def test_scienceqa_json(tmp_path):
     save_image(tmp_path / "a.png", GREEN)
     rows = [
         {"question": "Which is a mammal?", "choices": ["frog", "dog", "snake"], "answer": 1, "hint": "",
-         "lecture": "Mammals have fur.\n\nMost give birth to live young.", "solution": "A dog has fur.", "image": "a.png"},
+         "lecture": "Mammals have fur.\n\nMost give birth to live young.", "solution": "A dog has fur.",
+         "image": "a.png"},
         {"id": "sqa-9", "question": "Which is hotter?", "choices": ["ice", "fire"], "answer": 0,
          "hint": "Think of temperature.", "lecture": "", "solution": "Fire is hot.", "image": "a.png"},
     ]
@@ -414,7 +434,6 @@ def test_gqa_parquet_with_image_ids(tmp_path):
     # JPEG of a flat colour decodes within a step or two of the original.
     for sample, expected in zip(ds, [RED, BLUE]):
         assert sample["images"][0].getpixel((10, 10)) == pytest.approx(expected, abs=3)
-        sample["images"] = []
     assert ds[0]["id"] == "q1" and ds[0]["answer"] == "red" and ds[0]["choices"] is None
     assert ds[0]["steps"] == ["There is a box.", "The box is red."]
     assert ds[1]["steps"] == ["The box is blue.", "So yes."]  # given steps kept, empty ones dropped
@@ -465,11 +484,26 @@ def test_hub_name_goes_to_load_dataset(tmp_path, monkeypatch):
     assert ds[0]["id"] == "m3-0"
 
 
+def test_local_dataset_directory(tmp_path):
+    repo = tmp_path / "m3cot_repo"
+    save_image(repo / "img" / "a.png", GREEN)
+    (repo / "data").mkdir()
+    datasets.Dataset.from_list([m3cot_row(0), m3cot_row(1)]).to_parquet(str(repo / "data" / "test-00000.parquet"))
+    ds = load(tmp_path, repo, "m3cot", split="test")
+    assert [sample["id"] for sample in ds] == ["m3-0", "m3-1"]
+    assert ds[1]["images"][0].getpixel((1, 1)) == GREEN  # relative paths resolve against the directory
+    with pytest.raises(FileNotFoundError):
+        load(tmp_path, tmp_path / "absent.jsonl", "m3cot")
+
+
 def test_hub_image_features_are_decoded_by_us(tmp_path):
     # Hub datasets store images as datasets.Image features; decoding must go through load_image
     # (pixel bounds, RGB, errors naming the row) rather than datasets' own decoder.
     tiny = encode(Image.new("RGBA", (8, 8), (0, 0, 255, 255)), "PNG")
-    rows = [m3cot_row(0, image={"bytes": tiny, "path": "t.png"}), m3cot_row(1, image={"bytes": b"junk", "path": "j.png"})]
+    rows = [
+        m3cot_row(0, image={"bytes": tiny, "path": "t.png"}),
+        m3cot_row(1, image={"bytes": b"junk", "path": "j.png"}),
+    ]
     raw = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
     with pytest.raises(DataError, match=r"row 1 \(id 'm3-1'\), field 'image'.*j\.png"):
         load_vedas_dataset(raw, "m3cot")
@@ -498,18 +532,11 @@ def _bad_row_cases(tmp_path):
         "not_a_letter": ("m3cot", m3cot_row(2, answer="red"), "answer", "option letter"),
         "empty_question": ("m3cot", m3cot_row(2, question="   "), "question", "empty"),
         "missing_choices": ("m3cot", m3cot_row(2, choices=None), "choices", "missing required field"),
-        "sqa_index_out_of_range": (
-            "scienceqa",
-            {"question": "q", "choices": ["a", "b", "c"], "answer": 3, "lecture": "l", "solution": "s", "image": "img/a.png"},
-            "answer", "out of range",
-        ),
-        "sqa_no_rationale": (
-            "scienceqa",
-            {"question": "q", "choices": ["a", "b"], "answer": 0, "lecture": "", "solution": " ", "image": "img/a.png"},
-            "lecture/solution", "empty rationale",
-        ),
+        "sqa_index_out_of_range": ("scienceqa", sqa_row(answer=3), "answer", "out of range"),
+        "sqa_no_rationale": ("scienceqa", sqa_row(lecture="", solution=" "), "lecture/solution", "empty rationale"),
         "gqa_missing_image_id_file": (
-            "gqa", {"id": "g", "question": "q", "answer": "a", "rationale": "r", "imageId": "n999"}, "imageId", "n999.jpg",
+            "gqa", {"id": "g", "question": "q", "answer": "a", "rationale": "r", "imageId": "n999"},
+            "imageId", "n999.jpg",
         ),
         "onethinker_missing_answer": (
             "onethinker", {"question": "q", "answer": None, "steps": ["s"], "image": "img/a.png"}, "answer", "missing",
@@ -525,7 +552,7 @@ def _good_row(fmt, i):
     if fmt == "m3cot":
         return m3cot_row(i)
     if fmt == "scienceqa":
-        return {"question": "q", "choices": ["a", "b", "c"], "answer": 1, "lecture": "l", "solution": "s", "image": "img/a.png"}
+        return sqa_row()
     if fmt == "gqa":
         return {"id": f"g{i}", "question": "q", "answer": "a", "rationale": "r", "imageId": "a"}
     return {"question": "q", "answer": "a", "steps": ["s"], "images": ["img/a.png"]}
@@ -559,7 +586,7 @@ def test_bad_row_raises_naming_row_and_field(tmp_path, case):
 
 def test_scienceqa_answer_as_string_is_rejected(tmp_path):
     save_image(tmp_path / "a.png")
-    row = {"question": "q", "choices": ["a", "b", "c"], "answer": "2", "lecture": "l", "solution": "s", "image": "a.png"}
+    row = sqa_row(answer="2", image="a.png")
     with pytest.raises(DataError, match=r"^row 7 \(id '7'\), field 'answer': expected an int index.*str '2'"):
         adapt_scienceqa(row, 7, image_root=tmp_path)
     with pytest.raises(DataError, match="expected an int index"):

@@ -1,0 +1,827 @@
+"""Dataset adapters: M3CoT, ScienceQA, GQA and OneThinker-style JSONL mapped to one sample schema.
+
+Every training and evaluation path of the project consumes samples of this form (a plain dict)::
+
+    {
+        "id": str,
+        "images": list[PIL.Image.Image],   # RGB, resized into [min_pixels, max_pixels]
+        "question": str,
+        "choices": list[str] | None,       # option texts in order; None for short answers
+        "steps": list[str],                # rationale steps, split on blank lines, NOT merged
+        "answer": str,                     # option letter ("A", "B", ...) or the short answer
+    }
+
+Steps are kept unmerged here; the curriculum merges them to ``max_latent_stage`` chunks with
+:func:`merge_steps` (DESIGN.md 1.3), so one loaded dataset serves any curriculum setting.
+
+:func:`load_vedas_dataset` returns a :class:`datasets.Dataset` of the *raw* rows with a transform that
+adapts each row when it is accessed, so images are decoded lazily (GQA alone references ~1M
+question rows). An eager validation pass, on by default, finds bad rows up front: it raises the first
+:class:`DataError`, or drops the bad rows with ``skip_bad_rows=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import io
+import logging
+import math
+import numbers
+import os
+import struct
+import threading
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import datasets
+import numpy as np
+from PIL import ExifTags, Image, ImageOps
+
+__all__ = [
+    "ADAPTERS",
+    "DataError",
+    "MAX_DECODE_PIXELS",
+    "MAX_PIXELS",
+    "MIN_PIXELS",
+    "SAMPLE_KEYS",
+    "adapt_gqa",
+    "adapt_m3cot",
+    "adapt_onethinker",
+    "adapt_scienceqa",
+    "load_image",
+    "load_vedas_dataset",
+    "merge_steps",
+    "split_steps",
+]
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_KEYS = ("id", "images", "question", "choices", "steps", "answer")
+
+# Defaults of Qwen2VLImageProcessor (min_pixels = 56*56, max_pixels = 28*28*1280): images already in
+# these bounds pass through the processor's own smart_resize almost unchanged.
+MIN_PIXELS = 56 * 56
+MAX_PIXELS = 28 * 28 * 1280
+# One merged visual token covers 28x28 px (14 px patches, 2x2 merge); a thinner side cannot be encoded.
+MIN_SIDE = 28
+# Qwen2-VL's smart_resize raises for aspect ratios above 200, which would crash the collator mid-run.
+# Such strips are squeezed to 200:1 here instead; real photos and diagrams are far below it.
+MAX_ASPECT_RATIO = 200
+# Decompression-bomb guard used instead of Pillow's default (~89M pixels, which warns at 10000x10000
+# and refuses ~179M). 2**27 pixels (~11585^2) still decodes in ~400 MB as RGB, so legitimately huge
+# scans are downscaled, while a tiny file that claims billions of pixels is refused.
+MAX_DECODE_PIXELS = 2**27
+
+# Column added by load_vedas_dataset so errors name the row of the *source* file even after bad rows
+# were dropped or the dataset was shuffled.
+ROW_INDEX_COLUMN = "__vedas_row__"
+
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+class DataError(ValueError):
+    """A dataset row that cannot be turned into a sample.
+
+    ``str(err)`` reads ``row 12 (id 'q-12'), field 'image': image file not found: '/data/x.png'``;
+    the parts are also available as ``err.row`` (the row index in the source), ``err.sample_id``,
+    ``err.field`` and ``err.reason``.
+    """
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        row: int | None = None,
+        sample_id: str | None = None,
+        field: str | None = None,
+    ):
+        # Only `reason` goes to args: BaseException pickles as cls(*args) plus __dict__, which keeps
+        # the keyword-only context across processes (datasets.map(num_proc=...), DataLoader workers).
+        super().__init__(reason)
+        self.reason = reason
+        self.row = row
+        self.sample_id = sample_id
+        self.field = field
+
+    def __str__(self) -> str:
+        where = []
+        if self.row is not None:
+            where.append(f"row {self.row}")
+        if self.sample_id is not None:
+            where.append(f"(id {self.sample_id!r})" if where else f"id {self.sample_id!r}")
+        location = " ".join(where)
+        if self.field is not None:
+            location = f"{location}, field {self.field!r}" if location else f"field {self.field!r}"
+        return f"{location}: {self.reason}" if location else self.reason
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rationale steps
+# ----------------------------------------------------------------------------------------------------
+
+
+def split_steps(rationale: str) -> list[str]:
+    """Split a rationale into steps on blank lines.
+
+    A blank line is an empty or whitespace-only line; ``\\r\\n`` and ``\\r`` line ends count as
+    ``\\n``. Steps are stripped and empty ones dropped. Single line breaks stay inside a step.
+    """
+    steps, current = [], []
+    for line in rationale.splitlines():
+        if line.strip():
+            current.append(line)
+        elif current:
+            steps.append("\n".join(current).strip())
+            current = []
+    if current:
+        steps.append("\n".join(current).strip())
+    return steps
+
+
+def merge_steps(steps: Sequence[str], max_steps: int) -> list[str]:
+    """Merge neighbouring steps into exactly ``max_steps`` chunks when there are more steps than that.
+
+    Chunks are contiguous runs of steps joined with ``"\\n"``, so order and text are kept
+    (``"\\n".join(chunks) == "\\n".join(steps)``). "Near-equal length" is made precise as: the split
+    that minimises the sum of squared chunk lengths (in characters), found exactly by dynamic
+    programming. Ties resolve deterministically towards shorter early chunks (7 equal steps into 4
+    give sizes 1, 2, 2, 2). With ``max_steps`` or fewer steps, a copy of ``steps`` is returned unchanged.
+    """
+    if max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    steps = list(steps)
+    n = len(steps)
+    if n <= max_steps:
+        return steps
+
+    # Length of "\n".join(steps[i:j]) from prefix sums: characters plus one separator per gap.
+    prefix = [0]
+    for step in steps:
+        prefix.append(prefix[-1] + len(step))
+
+    def cost(i: int, j: int) -> int:
+        length = prefix[j] - prefix[i] + (j - i - 1)
+        return length * length
+
+    # best[k][j]: minimal cost of splitting steps[:j] into k chunks; cut[k][j]: start of the last chunk.
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(max_steps + 1)]
+    cut = [[0] * (n + 1) for _ in range(max_steps + 1)]
+    best[0][0] = 0
+    for k in range(1, max_steps + 1):
+        # Each of the k chunks needs one step and each of the remaining max_steps - k chunks too.
+        for j in range(k, n - (max_steps - k) + 1):
+            for i in range(k - 1, j):
+                candidate = best[k - 1][i] + cost(i, j)
+                if candidate < best[k][j]:
+                    best[k][j], cut[k][j] = candidate, i
+
+    chunks, end = [], n
+    for k in range(max_steps, 0, -1):
+        start = cut[k][end]
+        chunks.append("\n".join(steps[start:end]))
+        end = start
+    return chunks[::-1]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------------
+
+# Pillow reads its decompression-bomb limit from the module global Image.MAX_IMAGE_PIXELS, during
+# open and also while loading some formats (GIF frames, TIFF tiles). It is raised to MAX_DECODE_PIXELS
+# only while this module decodes, and restored when the last concurrent decode ends, so other code in
+# the process keeps the limit it configured. A user limit above ours, or None, is left in place.
+_limit_lock = threading.Lock()
+_limit_users = 0
+_saved_limit: int | None = None
+
+
+@contextlib.contextmanager
+def _decode_pixel_limit():
+    global _limit_users, _saved_limit
+    with _limit_lock:
+        if _limit_users == 0:
+            _saved_limit = Image.MAX_IMAGE_PIXELS
+            if _saved_limit is not None and _saved_limit < MAX_DECODE_PIXELS:
+                Image.MAX_IMAGE_PIXELS = MAX_DECODE_PIXELS
+        _limit_users += 1
+    try:
+        yield Image.MAX_IMAGE_PIXELS
+    finally:
+        with _limit_lock:
+            _limit_users -= 1
+            if _limit_users == 0:
+                Image.MAX_IMAGE_PIXELS = _saved_limit
+
+
+def _check_pixel_bounds(min_pixels: int, max_pixels: int) -> None:
+    if min_pixels < 1 or max_pixels < max(min_pixels, MIN_SIDE * MIN_SIDE):
+        raise ValueError(
+            f"need 1 <= min_pixels <= max_pixels and max_pixels >= {MIN_SIDE * MIN_SIDE}, "
+            f"got min_pixels={min_pixels}, max_pixels={max_pixels}"
+        )
+
+
+def _target_size(width: int, height: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Size with the aspect ratio kept (up to MAX_ASPECT_RATIO), width * height in [min_pixels,
+    max_pixels] and both sides >= MIN_SIDE; the side constraint wins where they conflict."""
+    w, h = float(width), float(height)
+    if w > h * MAX_ASPECT_RATIO:
+        w = h * MAX_ASPECT_RATIO
+    elif h > w * MAX_ASPECT_RATIO:
+        h = w * MAX_ASPECT_RATIO
+    area = w * h
+    scale = 1.0
+    if area > max_pixels:
+        scale = math.sqrt(max_pixels / area)
+    elif area < min_pixels:
+        scale = math.sqrt(min_pixels / area)
+    scale = max(scale, MIN_SIDE / min(w, h))
+    # Round towards the inside of the bounds: down when shrinking, up when growing.
+    rounding = math.floor if scale < 1 else math.ceil
+    return max(MIN_SIDE, rounding(w * scale)), max(MIN_SIDE, rounding(h * scale))
+
+
+def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
+    # Pillow's convert("RGB") clips I;16/I/F values at 255, turning a 16-bit scan almost white;
+    # rescale to 8 bits instead.
+    array = np.asarray(image, dtype=np.float64)
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if image.mode.startswith("I;16"):
+        array = array / 257.0  # 65535 -> 255
+    elif image.mode == "I" and (low < 0 or high > 255):
+        # 16-bit PNGs open as "I" in some Pillow versions; beyond 16 bits, stretch the used range.
+        array = array / 257.0 if low >= 0 and high <= 65535 else (array - low) * (255.0 / ((high - low) or 1.0))
+    elif image.mode == "F":
+        if low >= 0 and high <= 1:
+            array = array * 255.0
+        elif low < 0 or high > 255:
+            array = (array - low) * (255.0 / ((high - low) or 1.0))
+    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8)).convert("RGB")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        return _high_bit_depth_to_rgb(image)
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Composite on white: dropping alpha would expose whatever colour transparent pixels store
+        # (often black), which changes what diagrams and icons show.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
+
+
+def _exif_upright(image: Image.Image) -> Image.Image:
+    # Phone photos store rotation in EXIF; transformers' load_image applies it too. exif_transpose
+    # copies the image even when nothing changes, so only call it when there is a rotation. A broken
+    # EXIF block is not worth losing the picture over: keep the pixels as stored.
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except Exception:
+        return image
+    return ImageOps.exif_transpose(image) if orientation != 1 else image
+
+
+def _decode(image: Image.Image, min_pixels: int, max_pixels: int, *, owned: bool) -> Image.Image:
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"empty image of size {image.size}")
+    if getattr(image, "is_animated", False) and image.tell() != 0:
+        image.seek(0)  # animated GIF/PNG/WebP: use the first frame
+    target = _target_size(image.width, image.height, min_pixels, max_pixels)
+    if owned and target[0] * target[1] < image.width * image.height:
+        # JPEG can decode at 1/2, 1/4 or 1/8 scale directly, which makes huge photos cheap; the
+        # result is never smaller than `target`. No-op for other formats. The target is symmetric in
+        # width and height, so computing it before the EXIF rotation is fine.
+        image.draft(None, target)
+    image.load()
+    image = _to_rgb(_exif_upright(image))
+    target = _target_size(image.width, image.height, min_pixels, max_pixels)
+    if image.size != target:
+        image = image.resize(target, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return image
+
+
+# Pillow signals unreadable data with a zoo of exception types.
+_DECODE_ERRORS = (
+    OSError, SyntaxError, ValueError, EOFError, TypeError, struct.error, zlib.error, Image.DecompressionBombError
+)
+
+
+def load_image(
+    value: Any,
+    image_root: str | os.PathLike | None = None,
+    *,
+    row: int | None = None,
+    field: str = "image",
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int = MAX_PIXELS,
+) -> Image.Image:
+    """Decode one image into an RGB ``PIL.Image`` within the pixel bounds.
+
+    Args:
+        value: a ``PIL.Image.Image``; a path (``str`` or ``os.PathLike``, relative paths are joined to
+            ``image_root``, else to the working directory); raw encoded ``bytes``; or a ``datasets``
+            Image dict ``{"bytes": ..., "path": ...}`` (the bytes win when both are set).
+        image_root: directory for relative paths.
+        row, field: where the value came from, used only in :class:`DataError` messages.
+        min_pixels, max_pixels: bounds for ``width * height`` (defaults: Qwen2-VL's processor).
+
+    Returns:
+        An RGB image: alpha composited on white; L, P, CMYK, 16-bit and float modes converted (16-bit
+        rescaled, not clipped); animations reduced to their first frame; EXIF rotation applied; resized
+        with the aspect ratio kept so that ``min_pixels <= w * h <= max_pixels`` and both sides are at
+        least 28 px. Images up to :data:`MAX_DECODE_PIXELS` are accepted and downscaled.
+
+    Raises:
+        DataError: the value is missing, the file does not exist, or it cannot be decoded (corrupt,
+            truncated, larger than :data:`MAX_DECODE_PIXELS`); the message names row, field and file.
+    """
+    _check_pixel_bounds(min_pixels, max_pixels)
+
+    def fail(reason: str) -> DataError:
+        return DataError(reason, row=row, field=field)
+
+    if isinstance(value, Image.Image):
+        with _decode_pixel_limit():
+            try:
+                return _decode(value, min_pixels, max_pixels, owned=False)
+            except _DECODE_ERRORS as err:
+                raise fail(f"cannot convert the given PIL image ({value.mode}, {value.size}): {err}") from err
+
+    data, path = None, None
+    if isinstance(value, Mapping):
+        data, path = value.get("bytes"), value.get("path")
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        data = value
+    elif isinstance(value, (str, os.PathLike)):
+        path = value
+    elif value is not None:
+        raise fail(f"unsupported image value of type {type(value).__name__}")
+
+    if data:
+        source, name = io.BytesIO(data), f"<{len(data)} bytes{f' from {path!s}' if path else ''}>"
+    elif path is not None and os.fspath(path) != "":
+        resolved = Path(path).expanduser()
+        if image_root is not None and not resolved.is_absolute():
+            resolved = Path(image_root) / resolved
+        if not resolved.is_file():
+            raise fail(f"image file not found: {str(resolved)!r}")
+        source, name = resolved, repr(str(resolved))
+    else:
+        raise fail("missing image")
+
+    with _decode_pixel_limit() as limit:
+        try:
+            with Image.open(source) as image:
+                if limit is not None and image.width * image.height > limit:
+                    raise fail(
+                        f"image {name} is {image.width}x{image.height} pixels, more than the decode "
+                        f"limit of {limit} (vedas_trainer.data.MAX_DECODE_PIXELS / PIL.Image.MAX_IMAGE_PIXELS)"
+                    )
+                return _decode(image, min_pixels, max_pixels, owned=True)
+        except _DECODE_ERRORS as err:
+            raise fail(f"cannot decode image {name}: {type(err).__name__}: {err}") from err
+
+
+# ----------------------------------------------------------------------------------------------------
+# Adapters: one raw row -> one sample
+# ----------------------------------------------------------------------------------------------------
+
+ImageLoader = Callable[..., Image.Image]
+"""``loader(value, *, row, field) -> PIL.Image``; the default is :func:`load_image` with the adapter's
+``image_root``, ``min_pixels`` and ``max_pixels``."""
+
+
+class _RowReader:
+    """Typed access to the fields of one raw row; every failure is a DataError naming row, id, field."""
+
+    def __init__(self, row: Mapping[str, Any], index: int | None, id_fields: Sequence[str], image_loader: ImageLoader):
+        self.row, self.index, self.image_loader = row, index, image_loader
+        self.sample_id = None
+        for name in id_fields:
+            value = row.get(name)
+            if value is not None and str(value) != "":
+                self.sample_id = str(value)
+                break
+        else:
+            if index is None:
+                raise self.error(id_fields[0], "missing required field (and no row index to fall back on)")
+            self.sample_id = str(index)
+
+    def error(self, field: str, reason: str) -> DataError:
+        return DataError(reason, row=self.index, sample_id=self.sample_id, field=field)
+
+    def has(self, field: str) -> bool:
+        return self.row.get(field) is not None
+
+    def get(self, field: str) -> Any:
+        value = self.row.get(field)
+        if value is None:
+            raise self.error(field, "missing required field")
+        return value
+
+    def text(self, field: str) -> str:
+        value = self.get(field)
+        if not isinstance(value, str):
+            raise self.error(field, f"expected a string, got {type(value).__name__} {value!r}")
+        if not value.strip():
+            raise self.error(field, "empty string")
+        return value.strip()
+
+    def optional_text(self, field: str) -> str:
+        value = self.row.get(field)
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise self.error(field, f"expected a string, got {type(value).__name__} {value!r}")
+        return value.strip()
+
+    def choices(self, field: str = "choices", *, required: bool = True) -> list[str] | None:
+        value = self.row.get(field)
+        if value is None or (not required and isinstance(value, (list, tuple)) and len(value) == 0):
+            if required:
+                raise self.error(field, "missing required field")
+            return None
+        if not isinstance(value, (list, tuple)):
+            raise self.error(field, f"expected a list of option texts, got {type(value).__name__}")
+        if not 2 <= len(value) <= len(_LETTERS):
+            raise self.error(field, f"expected 2 to {len(_LETTERS)} options, got {len(value)}")
+        choices = []
+        for i, choice in enumerate(value):
+            if not isinstance(choice, str) or not choice.strip():
+                raise self.error(field, f"option {i} must be a non-empty string, got {choice!r}")
+            choices.append(choice.strip())
+        return choices
+
+    def letter_answer(self, choices: list[str], field: str = "answer", *, allow_text: bool = False) -> str:
+        value = self.get(field)
+        if isinstance(value, str):
+            stripped = value.strip()
+            if len(stripped) == 1 and stripped.upper() in _LETTERS:
+                letter = stripped.upper()
+                if _LETTERS.index(letter) >= len(choices):
+                    last = _LETTERS[len(choices) - 1]
+                    raise self.error(field, f"answer {letter!r} is out of range for {len(choices)} choices (A-{last})")
+                return letter
+            if allow_text and stripped in choices:
+                return _LETTERS[choices.index(stripped)]
+        expected = "an option letter or the text of an option" if allow_text else "an option letter such as 'A'"
+        raise self.error(field, f"expected {expected}, got {type(value).__name__} {value!r}")
+
+    def steps(self, *, list_field: str | None = None, text_field: str | None = None) -> list[str]:
+        """Steps from a list field if present, else from splitting a rationale text field."""
+        if list_field is not None and self.has(list_field):
+            value, field = self.row[list_field], list_field
+            if not isinstance(value, (list, tuple)):
+                raise self.error(field, f"expected a list of step strings, got {type(value).__name__}")
+            for i, step in enumerate(value):
+                if not isinstance(step, str):
+                    raise self.error(field, f"step {i} must be a string, got {type(step).__name__}")
+            steps = [step.strip() for step in value if step.strip()]
+        elif text_field is not None and self.has(text_field):
+            value, field = self.row[text_field], text_field
+            if not isinstance(value, str):
+                raise self.error(field, f"expected a string, got {type(value).__name__}")
+            steps = split_steps(value)
+        else:
+            fields = " or ".join(repr(f) for f in (list_field, text_field) if f is not None)
+            raise self.error(text_field or list_field, f"missing required field ({fields})")
+        if not steps:
+            raise self.error(field, "empty rationale: no non-empty steps")
+        return steps
+
+    def image(self, field: str, value: Any = None) -> Image.Image:
+        value = self.row.get(field) if value is None else value
+        try:
+            return self.image_loader(value, row=self.index, field=field)
+        except DataError as err:
+            if err.sample_id is None:
+                err.sample_id = self.sample_id
+            raise
+
+    def image_list(self, field: str) -> list[Image.Image]:
+        value = self.get(field)
+        if not isinstance(value, (list, tuple)):
+            raise self.error(field, f"expected a list of images, got {type(value).__name__}")
+        if not value:
+            raise self.error(field, "empty image list")
+        return [self.image(f"{field}[{i}]", item) for i, item in enumerate(value)]
+
+
+def _with_context(question: str, context: str) -> str:
+    # ScienceQA's `hint` and M3CoT's `context` often carry facts the question needs ("Read the
+    # text...", a passage); the sample has no separate field for it, so it leads the question.
+    return f"Context: {context}\n{question}" if context else question
+
+
+def _reader(row, index, id_fields, image_root, min_pixels, max_pixels, image_loader) -> _RowReader:
+    if image_loader is None:
+        image_loader = functools.partial(
+            load_image, image_root=image_root, min_pixels=min_pixels, max_pixels=max_pixels
+        )
+    return _RowReader(row, index, id_fields, image_loader)
+
+
+def _sample(sample_id, images, question, choices, steps, answer) -> dict[str, Any]:
+    return dict(zip(SAMPLE_KEYS, (sample_id, images, question, choices, steps, answer)))
+
+
+def adapt_m3cot(
+    row: Mapping[str, Any],
+    index: int | None = None,
+    *,
+    image_root: str | os.PathLike | None = None,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int = MAX_PIXELS,
+    image_loader: ImageLoader | None = None,
+) -> dict[str, Any]:
+    """M3CoT row (``id``, ``question``, ``choices``, ``answer`` letter, ``rationale``, ``image``;
+    optional ``context``) -> sample.
+
+    All adapters share this signature: ``index`` is the row's position in its source (used for the
+    id when the row has none, and in error messages); ``image_loader`` replaces :func:`load_image`
+    (called as ``image_loader(value, row=index, field=name)``), e.g. to cache decoded images.
+    """
+    r = _reader(row, index, ("id",), image_root, min_pixels, max_pixels, image_loader)
+    question = _with_context(r.text("question"), r.optional_text("context"))
+    choices = r.choices()
+    answer = r.letter_answer(choices)
+    steps = r.steps(text_field="rationale")
+    return _sample(r.sample_id, [r.image("image")], question, choices, steps, answer)
+
+
+def adapt_scienceqa(
+    row: Mapping[str, Any],
+    index: int | None = None,
+    *,
+    image_root: str | os.PathLike | None = None,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int = MAX_PIXELS,
+    image_loader: ImageLoader | None = None,
+) -> dict[str, Any]:
+    """ScienceQA row (``question``, ``choices``, ``answer`` int index, ``lecture``, ``solution``,
+    ``image``; optional ``hint``, ``id``) -> sample; the rationale is lecture, blank line, solution.
+
+    Text-only ScienceQA questions (``image`` None) are reported as bad rows: every Vedas step replays
+    visual tokens. Load with ``skip_bad_rows=True`` to keep the image subset.
+    """
+    r = _reader(row, index, ("id", "pid"), image_root, min_pixels, max_pixels, image_loader)
+    question = _with_context(r.text("question"), r.optional_text("hint"))
+    choices = r.choices()
+    answer = r.get("answer")
+    # bool is an int subclass, and a string "2" is a data error, not an index to guess at.
+    if isinstance(answer, bool) or not isinstance(answer, numbers.Integral):
+        raise r.error("answer", f"expected an int index into choices, got {type(answer).__name__} {answer!r}")
+    if not 0 <= answer < len(choices):
+        raise r.error(
+            "answer", f"answer index {answer} is out of range for {len(choices)} choices (0-{len(choices) - 1})"
+        )
+    rationale = "\n\n".join(part for part in (r.optional_text("lecture"), r.optional_text("solution")) if part)
+    steps = split_steps(rationale)
+    if not steps:
+        raise r.error("lecture/solution", "empty rationale: lecture and solution are both empty")
+    return _sample(r.sample_id, [r.image("image")], question, choices, steps, _LETTERS[answer])
+
+
+def adapt_gqa(
+    row: Mapping[str, Any],
+    index: int | None = None,
+    *,
+    image_root: str | os.PathLike | None = None,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int = MAX_PIXELS,
+    image_loader: ImageLoader | None = None,
+) -> dict[str, Any]:
+    """GQA-with-rationales row (``question``, ``answer`` short text, ``steps`` list or ``rationale``,
+    ``image`` or ``imageId`` -> ``<image_root>/<imageId>.jpg``; id from ``questionId`` or ``id``)
+    -> sample with ``choices`` None."""
+    r = _reader(row, index, ("questionId", "question_id", "id"), image_root, min_pixels, max_pixels, image_loader)
+    question = r.text("question")
+    answer = r.text("answer")
+    steps = r.steps(list_field="steps", text_field="rationale")
+    if r.has("image") or not r.has("imageId"):
+        image = r.image("image")
+    else:
+        image_id = r.get("imageId")
+        if not isinstance(image_id, (str, int)) or isinstance(image_id, bool) or str(image_id).strip() == "":
+            raise r.error("imageId", f"expected an image id string, got {image_id!r}")
+        image = r.image("imageId", f"{str(image_id).strip()}.jpg")
+    return _sample(r.sample_id, [image], question, None, steps, answer)
+
+
+def adapt_onethinker(
+    row: Mapping[str, Any],
+    index: int | None = None,
+    *,
+    image_root: str | os.PathLike | None = None,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int = MAX_PIXELS,
+    image_loader: ImageLoader | None = None,
+) -> dict[str, Any]:
+    """OneThinker-style JSONL row (``question``, ``answer``, ``steps`` list or ``rationale``, optional
+    ``choices``, ``image`` or ``images`` list, optional ``id``) -> sample.
+
+    With choices, ``answer`` is an option letter or the exact text of one option (mapped to its
+    letter); without, it is the short answer text.
+    """
+    r = _reader(row, index, ("id",), image_root, min_pixels, max_pixels, image_loader)
+    question = r.text("question")
+    choices = r.choices(required=False)
+    answer = r.letter_answer(choices, allow_text=True) if choices is not None else r.text("answer")
+    steps = r.steps(list_field="steps", text_field="rationale")
+    images = r.image_list("images") if r.has("images") else [r.image("image")]
+    return _sample(r.sample_id, images, question, choices, steps, answer)
+
+
+# Format name -> adapter. An adapter added here works with load_vedas_dataset if it has the signature of
+# adapt_m3cot (row, index, *, image_root, min_pixels, max_pixels, image_loader) and raises DataError.
+ADAPTERS: dict[str, Callable[..., dict[str, Any]]] = {
+    "m3cot": adapt_m3cot,
+    "scienceqa": adapt_scienceqa,
+    "gqa": adapt_gqa,
+    "onethinker": adapt_onethinker,
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------
+
+_LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def _load_raw(source, split: str, load_dataset_kwargs: dict) -> tuple[datasets.Dataset, Path | None]:
+    """The raw rows and the default image root (the data file's directory for local files)."""
+    if isinstance(source, datasets.Dataset):
+        return source, None
+    path = Path(source).expanduser()
+    builder = _LOCAL_BUILDERS.get(path.suffix.lower())
+    if path.is_file():
+        if builder is None:
+            raise ValueError(
+                f"unsupported file type {path.suffix!r} for {str(path)!r}; expected one of {sorted(_LOCAL_BUILDERS)}"
+            )
+        raw = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **load_dataset_kwargs)
+        return raw, path.parent
+    if builder is not None:
+        raise FileNotFoundError(f"no data file at {str(path)!r}")
+    if path.is_dir():
+        # A local copy of a Hub dataset repository: datasets infers the files and their format.
+        return datasets.load_dataset(str(path), split=split, **load_dataset_kwargs), path
+    # Anything else is a Hub dataset name ("derek-thomas/ScienceQA", "LightChen2333/M3CoT", ...).
+    return datasets.load_dataset(str(source), split=split, **load_dataset_kwargs), None
+
+
+def _without_decoding(feature):
+    """Same feature with every Image set to decode=False: datasets would otherwise decode images on
+    access, raising its own errors (without row or field) and decoding images we then re-decode."""
+    if isinstance(feature, datasets.Image):
+        return datasets.Image(decode=False)
+    if isinstance(feature, (datasets.List, datasets.LargeList)):
+        return type(feature)(_without_decoding(feature.feature))
+    if isinstance(feature, dict):
+        return {key: _without_decoding(value) for key, value in feature.items()}
+    return feature
+
+
+def _adapt_batch(batch: dict[str, list], *, adapter, image_root, min_pixels, max_pixels) -> dict[str, list]:
+    """The dataset transform: raw columns -> unified sample columns."""
+    indices = batch[ROW_INDEX_COLUMN]
+    columns = [name for name in batch if name != ROW_INDEX_COLUMN]
+    samples = [
+        adapter(
+            {name: batch[name][i] for name in columns},
+            indices[i],
+            image_root=image_root,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
+        )
+        for i in range(len(indices))
+    ]
+    return {key: [sample[key] for sample in samples] for key in SAMPLE_KEYS}
+
+
+class _ValidationImageLoader:
+    """Image loader for the validation pass: decodes each distinct file once.
+
+    GQA asks ~20 questions per image, so checking every row would decode each file many times. The
+    outcome per file is remembered; rows sharing a bad file each still get their own DataError. The
+    decoded pixels are discarded (the samples built during validation are thrown away).
+    """
+
+    def __init__(self, image_root, min_pixels: int, max_pixels: int):
+        self.load = functools.partial(load_image, image_root=image_root, min_pixels=min_pixels, max_pixels=max_pixels)
+        self.image_root = image_root
+        self.outcomes: dict[str, str | None] = {}
+        self.placeholder = Image.new("RGB", (MIN_SIDE, MIN_SIDE), (255, 255, 255))
+
+    def __call__(self, value, *, row, field) -> Image.Image:
+        path = value.get("path") if isinstance(value, Mapping) and not value.get("bytes") else value
+        if not isinstance(path, (str, os.PathLike)) or os.fspath(path) == "":
+            self.load(value, row=row, field=field)  # bytes, PIL images, missing: nothing to share
+            return self.placeholder
+        key = os.path.normpath(os.path.join(os.fspath(self.image_root or ""), os.fspath(path)))
+        if key not in self.outcomes:
+            try:
+                self.load(value, row=row, field=field)
+                self.outcomes[key] = None
+            except DataError as err:
+                self.outcomes[key] = err.reason
+                raise
+        if self.outcomes[key] is not None:
+            raise DataError(self.outcomes[key], row=row, field=field)
+        return self.placeholder
+
+
+def load_vedas_dataset(
+    source: str | os.PathLike | datasets.Dataset,
+    format: str,
+    split: str = "train",
+    image_root: str | os.PathLike | None = None,
+    skip_bad_rows: bool = False,
+    max_pixels: int = MAX_PIXELS,
+    min_pixels: int = MIN_PIXELS,
+    validate: bool = True,
+    **load_dataset_kwargs,
+) -> datasets.Dataset:
+    """Load M3CoT / ScienceQA / GQA / OneThinker-style data as Vedas samples.
+
+    Args:
+        source: a local ``.json`` / ``.jsonl`` / ``.parquet`` file (read with
+            ``datasets.load_dataset("json" | "parquet", data_files=...)``), a Hub dataset name or a local
+            directory holding a copy of one (read with ``datasets.load_dataset(source, split=split)``), or
+            an in-memory ``datasets.Dataset`` of raw rows.
+        format: a key of :data:`ADAPTERS`: ``"m3cot"``, ``"scienceqa"``, ``"gqa"`` or ``"onethinker"``.
+        split: the split to load (for a local file, the name the split gets).
+        image_root: directory that relative image paths and GQA ``imageId`` s resolve against; for a
+            local file it defaults to the file's directory, for a local dataset directory to itself.
+        skip_bad_rows: drop rows that fail validation instead of raising; the count and the first few
+            reasons are logged as a warning and the errors kept in ``dataset.skipped_rows``.
+        max_pixels, min_pixels: image size bounds, see :func:`load_image`.
+        validate: adapt every row once, images included, before returning, so bad rows surface now and
+            not hours into training (each distinct image file is decoded once). With ``False`` loading
+            is instant and a bad row raises :class:`DataError` when it is accessed. ``skip_bad_rows=True``
+            always validates.
+        **load_dataset_kwargs: passed to ``datasets.load_dataset`` (``name``, ``revision``, ``cache_dir``, ...).
+
+    Returns:
+        A ``datasets.Dataset`` of the raw rows (plus a ``__vedas_row__`` column with the source row index)
+        whose transform adapts rows on access: ``ds[i]`` is a sample dict with exactly the keys of
+        :data:`SAMPLE_KEYS` and freshly decoded images, ``ds[i:j]`` a dict of lists. ``column_names``
+        lists the raw columns, so use it with ``Trainer(args=TrainingArguments(..., remove_unused_columns=False))``.
+        ``dataset.skipped_rows`` is the list of :class:`DataError` of dropped rows (empty when none); it
+        is a plain attribute, so datasets derived with ``select``/``shuffle``/... do not carry it.
+
+    Raises:
+        DataError: the first bad row, unless ``skip_bad_rows``.
+        ValueError: unknown ``format``, or pixel bounds that cannot be met.
+    """
+    if format not in ADAPTERS:
+        raise ValueError(f"unknown format {format!r}; expected one of {sorted(ADAPTERS)}")
+    _check_pixel_bounds(min_pixels, max_pixels)
+    adapter = ADAPTERS[format]
+
+    raw, default_root = _load_raw(source, split, load_dataset_kwargs)
+    image_root = image_root if image_root is not None else default_root
+    for name, feature in raw.features.items():
+        undecoded = _without_decoding(feature)
+        if undecoded != feature:
+            raw = raw.cast_column(name, undecoded)
+    if ROW_INDEX_COLUMN not in raw.column_names:
+        raw = raw.add_column(ROW_INDEX_COLUMN, list(range(len(raw))))
+
+    skipped: list[DataError] = []
+    if validate or skip_bad_rows:
+        loader = _ValidationImageLoader(image_root, min_pixels, max_pixels)
+        good = []
+        for position, row in enumerate(raw):
+            index = row.pop(ROW_INDEX_COLUMN)
+            try:
+                adapter(row, index, image_root=image_root, min_pixels=min_pixels, max_pixels=max_pixels,
+                        image_loader=loader)
+            except DataError as err:
+                if not skip_bad_rows:
+                    raise
+                skipped.append(err)
+            else:
+                good.append(position)
+        if skipped:
+            name = "an in-memory dataset" if isinstance(source, datasets.Dataset) else repr(os.fspath(source))
+            logger.warning(
+                "Skipped %d of %d rows of %s (format %r) that cannot be used; first %d: %s",
+                len(skipped), len(raw), name, format, min(len(skipped), 5), "; ".join(str(e) for e in skipped[:5]),
+            )
+            raw = raw.select(good)
+
+    transform = functools.partial(
+        _adapt_batch, adapter=adapter, image_root=image_root, min_pixels=min_pixels, max_pixels=max_pixels
+    )
+    dataset = raw.with_transform(transform)
+    dataset.skipped_rows = skipped
+    return dataset
