@@ -188,6 +188,8 @@ class VedasMixin:
         """
         if inputs_embeds is not None:
             raise ValueError("Vedas builds its own input embeddings (latents and replay); pass input_ids.")
+        if kwargs.get("pixel_values_videos") is not None:
+            raise NotImplementedError("Vedas replays image tokens; video inputs are not supported.")
         self._check_cache(past_key_values)
         latent_id = self.config.latent_token_id
         if latent_id is not None and bool((input_ids == latent_id).any()):
@@ -204,8 +206,8 @@ class VedasMixin:
         embeds = self._embed(input_ids, pixel_values, image_grid_thw)
         if position_ids is None:
             position_ids = self.model.compute_3d_position_ids(
-                input_ids=input_ids, inputs_embeds=embeds, image_grid_thw=image_grid_thw, attention_mask=attention_mask,
-                past_key_values=past_key_values, mm_token_type_ids=mm_token_type_ids,
+                input_ids=input_ids, inputs_embeds=embeds, image_grid_thw=image_grid_thw, video_grid_thw=None,
+                attention_mask=attention_mask, past_key_values=past_key_values, mm_token_type_ids=mm_token_type_ids,
             )
         length = input_ids.shape[1]
         token_valid = (
