@@ -110,3 +110,125 @@ def test_malformed_layout_names_the_sample(model_and_processor):
     with pytest.raises(ValueError, match="Sample 1"):
         model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=torch.cat([types, end * 0], 1),
               pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+
+
+def training_batch(model, processor, steps=2, num_replay=4, images=None):
+    """A latent-layout batch with a supervised answer, built the way the collator lays it out."""
+    cfg = model.config
+    images = images or [quadrant_image((112, 84), seed=5), quadrant_image((84, 84), seed=6)]
+    inputs = make_inputs(processor, ["what colour ?", "which one is it ?"], images)
+    ids, mask, types = model.build_latent_layout(
+        inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"], steps, num_replay
+    )
+    answer = processor.tokenizer(" answer : red", add_special_tokens=False)["input_ids"]
+    tail = torch.tensor([cfg.end_latent_token_id] + answer)[None].expand(ids.shape[0], -1)
+    ids = torch.cat([ids, tail], 1)
+    labels = torch.full_like(ids, -100)
+    labels[:, -len(answer) :] = ids[:, -len(answer) :]
+    mask = torch.cat([mask, torch.ones_like(tail)], 1)
+    types = torch.cat([types, torch.zeros_like(tail).int()], 1)
+    crops = [[torch.from_numpy(__import__("numpy").array(im)).permute(2, 0, 1)] for im in images]
+    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, labels=labels,
+                pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"], crop_images=crops)
+
+
+def test_gradients_reach_prompt_token_sr_and_visual_features(model_and_processor):
+    model, processor = model_and_processor
+    batch = training_batch(model, processor)
+    model.train()
+    captured = {}
+    embed = model.model.get_input_embeddings()
+    visual = model.model.visual
+
+    def keep(name):
+        def hook(module, args, output):  # returns None: the output is kept, not replaced
+            if name not in captured:
+                output.retain_grad()
+                captured[name] = output
+
+        return hook
+
+    hooks = [embed.register_forward_hook(keep("embeds")), visual.merger.register_forward_hook(keep("visual"))]
+    try:
+        model.zero_grad()
+        out = model(**batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.eval()
+    assert out.ce_loss is not None and out.recon_loss is not None and torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, out.ce_loss + model.config.recon_weight * out.recon_loss)
+    out.loss.backward()
+    # Coconut gradient: the answer's loss reaches the prompt's last token (<|start_latent|> -> z(1) -> ...)
+    start = int((batch["input_ids"][0] == model.config.start_latent_token_id).nonzero())
+    assert captured["embeds"].grad[:, start].abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.token_sr.parameters())
+    # replay weights carry gradient back to the visual features (merger outputs)
+    assert captured["visual"].grad.abs().sum() > 0
+
+
+def test_training_forward_with_gradient_checkpointing_matches(model_and_processor):
+    model, processor = model_and_processor
+    batch = training_batch(model, processor)
+    batch.pop("crop_images")
+    with torch.no_grad():
+        reference = model(**batch).logits
+    model.gradient_checkpointing_enable()
+    model.train()
+    try:
+        out = model(**batch)
+        out.loss.backward()
+        torch.testing.assert_close(out.logits.detach(), reference, atol=1e-4, rtol=1e-4)
+        assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad is not None
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
+        model.zero_grad()
+
+
+def test_replay_never_revisits_and_handles_exhaustion(model_and_processor):
+    model, processor = model_and_processor
+    # 56x56 image: 4 visual tokens; K=3 over 3 steps asks for 9 -> the last steps take what remains
+    inputs = make_inputs(processor, ["what ?"], [quadrant_image((56, 56), seed=7)])
+    with pytest.warns(UserWarning, match="exceeds the visual tokens"):
+        model._warned.discard("few-visual")
+        out = model.generate(**inputs, num_latent_steps=3, num_replay_tokens=3, max_new_tokens=2, do_sample=False,
+                             return_dict_in_generate=True, output_latent_trace=True, output_scores=True)
+    chosen = [i for step in out.latent_trace for i in step["replay_indices"][0].tolist() if i >= 0]
+    assert sorted(chosen) == [0, 1, 2, 3]  # every visual token once, none twice
+    assert out.latent_trace[2]["replay_indices"][0].tolist() == [-1, -1, -1]
+    assert all(torch.isfinite(s).all() for s in out.scores)
+    assert all(torch.isfinite(step["replay_weights"]).all() for step in out.latent_trace)
+
+
+def test_soft_mix_inserts_one_token_per_step(vedas_dirs):
+    model, processor = load_vedas(vedas_dirs["qwen2_vl"], replay_mode="soft_mix")
+    perturb_vedas(model)
+    inputs = make_inputs(processor, ["what colour ?"], [quadrant_image()])
+    ids, _, _ = model.build_latent_layout(inputs["input_ids"], inputs["attention_mask"], None, 2, 4)
+    assert (ids == model.config.replay_token_id).sum().item() == 2
+    out = model.generate(**inputs, num_latent_steps=2, max_new_tokens=3, do_sample=False,
+                         return_dict_in_generate=True, output_scores=True)
+    layout, forced = teacher_forced(model, inputs, out.sequences, 4)
+    torch.testing.assert_close(forced.logits[:, -4], out.scores[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_no_latent_steps_is_the_base_model(backbone, base_dirs, vedas_dirs):
+    from vedas_trainer.checkpoint import load_base
+
+    base, _ = load_base(base_dirs[backbone])
+    model, processor = load_vedas(vedas_dirs[backbone], num_replay_tokens=0)
+    inputs = make_inputs(processor, ["what colour is it ?", "why ?"], [quadrant_image(), quadrant_image((56, 84))])
+    ours = model.generate(**inputs, num_latent_steps=0, max_new_tokens=6, do_sample=False)
+    theirs = base.eval().generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(ours, theirs)
+
+
+def test_prompt_without_image_skips_replay_with_a_warning(model_and_processor):
+    model, processor = model_and_processor
+    inputs = make_inputs(processor, ["what colour ?"], [[]])
+    model._warned.discard("no-image")
+    with pytest.warns(UserWarning, match="without visual replay"):
+        out = model.generate(**inputs, num_latent_steps=2, max_new_tokens=2, do_sample=False)
+    assert (out == model.config.latent_token_id).sum().item() == 2
