@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vedas_trainer.checkpoint import convert_base
+from vedas_trainer.checkpoint import convert_base, load_vedas  # noqa: F401 (re-exported for the tests)
 from vedas_trainer.tiny_base import build_tiny_base
 
 
@@ -38,23 +38,6 @@ def vedas_dirs(base_dirs, tmp_path_factory):
         convert_base(base, root / backbone, overrides=TEST_OVERRIDES)
         dirs[backbone] = root / backbone
     return dirs
-
-
-def load_vedas(folder, **overrides):
-    """Load a converted checkpoint with the repository's classes, optionally changing config fields."""
-    import json
-
-    from transformers import AutoProcessor
-
-    from vedas_trainer.checkpoint import BACKBONES as CLASSES
-
-    model_type = json.loads((folder / "config.json").read_text())["model_type"]
-    _, config_class, model_class = CLASSES["qwen2_vl" if model_type == "vedas" else "qwen2_5_vl"]
-    config = config_class.from_pretrained(folder, **overrides)
-    model = model_class.from_pretrained(folder, config=config).eval()
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    processor.tokenizer.padding_side = "left"
-    return model, processor
 
 
 def perturb_vedas(model, seed=0, gate=0.5):

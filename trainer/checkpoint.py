@@ -166,6 +166,24 @@ def convert_base(base_dir, out_dir, overrides: dict | None = None, overwrite: bo
     return model, processor
 
 
+def is_vedas_checkpoint(folder) -> bool:
+    config = Path(folder) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type", "").startswith("vedas")
+
+
+def load_vedas(folder, **overrides):
+    """Load a Vedas checkpoint with this package's classes (any config field can be overridden) and its processor,
+    set up for left padding."""
+    folder = Path(folder)
+    model_type = json.loads((folder / "config.json").read_text())["model_type"]
+    _, config_class, model_class = BACKBONES["qwen2_vl" if model_type == "vedas" else "qwen2_5_vl"]
+    config = config_class.from_pretrained(folder, **overrides)
+    model = model_class.from_pretrained(folder, config=config).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    processor.tokenizer.padding_side = "left"
+    return model, processor
+
+
 def count_vedas_parameters(model) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if any(k in n for k in VEDAS_MODULE_KEYS))
 
