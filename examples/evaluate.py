@@ -1,0 +1,97 @@
+"""Table-1 evaluation of a Vedas checkpoint: No-CoT vs explicit CoT vs Vedas latent on the same test split.
+
+    python examples/evaluate.py CHECKPOINT --data synthetic --n 200
+    python examples/evaluate.py CHECKPOINT --data m3cot_test.jsonl --format m3cot --split test --out eval/m3cot
+
+For each mode it reports accuracy (the local ``metrics/vedas_accuracy`` evaluate module), the average AR steps
+(latent steps + generated tokens up to and including the end token) and the average wall time per sample (batched
+generation time / batch size). Writes ``results.json``, ``results.md`` and ``predictions.jsonl`` to ``--out``.
+For ``--data synthetic`` pass the training run's ``--seed`` and ``--task-kwargs`` to get its test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+
+
+# `python examples/x.py` puts examples/ first on sys.path, where this file shadows the Hugging Face `evaluate`
+# library. Run as a script: drop examples/ from the path before anything imports `evaluate`. Imported by accident as
+# `evaluate` (another script in examples/ doing `import evaluate`): hand the importer the real library instead.
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_WITHOUT_HERE = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+if __name__ == "__main__":
+    sys.path[:] = _WITHOUT_HERE
+elif __name__ == "evaluate":
+    _saved_path, sys.path[:] = list(sys.path), _WITHOUT_HERE
+    del sys.modules[__name__]
+    try:
+        sys.modules[__name__] = importlib.import_module("evaluate")  # the import statement returns this entry
+    finally:
+        sys.path[:] = _saved_path
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from vedas_trainer.data import ADAPTERS
+    from vedas_trainer.evaluation import DEFAULT_MAX_NEW_TOKENS, MODES
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", help="Vedas checkpoint folder or Hub repo id")
+    parser.add_argument("--data", required=True, help="'synthetic' (the embedded task) or a dataset file/dir/name")
+    parser.add_argument("--format", choices=sorted(ADAPTERS), help="dataset format (required unless synthetic)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--n", type=int, default=200, help="number of samples (the first n of the split)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument("--out", default=None, help="output folder (default: eval_results/<checkpoint name>)")
+    parser.add_argument("--num-latent-steps", type=int, default=None, help="T of the latent mode (default: config)")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help=f"budget of the answer modes (default: nocot {DEFAULT_MAX_NEW_TOKENS['nocot']}, "
+                             f"latent {DEFAULT_MAX_NEW_TOKENS['latent']})")
+    parser.add_argument("--max-cot-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS["cot"],
+                        help="budget of the explicit CoT mode")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic splits")
+    parser.add_argument("--task-kwargs", type=json.loads, default={},
+                        help='synthetic task settings as JSON, e.g. \'{"grid": 5}\'')
+    parser.add_argument("--image-root", default=None, help="folder that relative image paths resolve against")
+    parser.add_argument("--skip-bad-rows", action="store_true", help="drop invalid dataset rows instead of failing")
+    parser.add_argument("--no-progress", action="store_true", help="disable the progress bars")
+    args = parser.parse_args(argv)
+    args.modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
+    unknown = [mode for mode in args.modes if mode not in MODES]
+    if unknown or not args.modes:
+        parser.error(f"--modes must be a comma-separated subset of {','.join(MODES)}, got {unknown or 'nothing'}")
+    if args.data != "synthetic" and args.format is None:
+        parser.error("--format is required when --data is not 'synthetic'")
+    if args.n < 1 or args.batch_size < 1:
+        parser.error("--n and --batch-size must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from vedas_trainer.evaluation import evaluate_checkpoint, load_model_and_processor, load_samples, save_results
+
+    dataset_kwargs = {"image_root": args.image_root, "skip_bad_rows": args.skip_bad_rows} if args.format else {}
+    samples = load_samples(args.data, n=args.n, split=args.split, format=args.format, seed=args.seed,
+                           task_kwargs=args.task_kwargs, **dataset_kwargs)
+    model, processor = load_model_and_processor(args.checkpoint)
+    budgets = {"nocot": args.max_new_tokens, "cot": args.max_cot_tokens, "latent": args.max_new_tokens}
+    results = evaluate_checkpoint(
+        model, processor, samples, modes=args.modes, batch_size=args.batch_size, max_new_tokens=budgets,
+        num_latent_steps=args.num_latent_steps, progress=not args.no_progress,
+    )
+    results.update(checkpoint=str(args.checkpoint), data=str(args.data), format=args.format, split=args.split)
+    out = args.out or os.path.join("eval_results", os.path.basename(os.path.normpath(args.checkpoint)))
+    title = f"{os.path.basename(os.path.normpath(args.checkpoint))} on {args.data} ({args.split})"
+    paths = save_results(results, out, title=title)
+    print(paths["markdown"].read_text())
+    print(f"Wrote {paths['json']}, {paths['markdown']} and {paths['predictions']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
