@@ -17,14 +17,14 @@ import dataclasses
 import json
 import sys
 
-from vedas.configuration_vedas import VedasSettings
-from vedas_trainer.checkpoint import CheckpointError, convert_base, count_vedas_parameters
-
-
-# The special-token strings and ids are assigned by the conversion itself (it adds the tokens to the tokenizer
-# and records their ids); overriding them would make config and tokenizer disagree.
-CONVERSION_OWNED = {f.name for f in dataclasses.fields(VedasSettings) if f.name.endswith(("_token", "_token_id"))}
-OVERRIDABLE = tuple(f.name for f in dataclasses.fields(VedasSettings) if f.name not in CONVERSION_OWNED)
+from vedas_trainer.checkpoint import (
+    CONVERSION_OWNED,
+    OVERRIDABLE,
+    CheckpointError,
+    check_overrides,
+    convert_base,
+    count_vedas_parameters,
+)
 
 
 def parse_value(text: str):
@@ -45,11 +45,7 @@ def parse_overrides(pairs: list[str] | None) -> dict:
         key = key.strip()
         if not sep or not key:
             raise ValueError(f"--set expects key=value, got {pair!r}.")
-        if key not in OVERRIDABLE:
-            hint = " (assigned by the conversion)" if key in CONVERSION_OWNED else ""
-            raise ValueError(
-                f"unknown VedasConfig field {key!r}{hint} in --set. Valid fields: {', '.join(OVERRIDABLE)}."
-            )
+        check_overrides({key: None})
         overrides[key] = parse_value(value.strip())
     return overrides
 

@@ -283,7 +283,15 @@ def test_readme_metadata_parses_with_model_card(vedas_dirs):
     assert data["library_name"] == "transformers"
     assert data["pipeline_tag"] == "image-text-to-text"
     assert data["license"] == "apache-2.0"
-    assert data["base_model"] and "vedas" in data["tags"]
+    assert "vedas" in data["tags"]
+    assert "base_model" not in data  # built from scratch: no Hub base to link
+
+
+def test_card_links_the_hub_base_of_a_cached_snapshot(base_dirs, tmp_path):
+    snapshot = tmp_path / "models--Qwen--Qwen2-VL-2B-Instruct" / "snapshots" / "0123abcd"
+    shutil.copytree(base_dirs["qwen2_vl"], snapshot)
+    convert_base(snapshot, tmp_path / "out")
+    assert ModelCard.load(tmp_path / "out" / "README.md").data.to_dict()["base_model"] == "Qwen/Qwen2-VL-2B-Instruct"
 
 
 @pytest.mark.parametrize("card, needle", [

@@ -5,6 +5,7 @@ AutoModelForImageTextToText), the remote-code files, `model.safetensors`, the pr
 `README.md` model card rendered from `MODEL_CARD.md`.
 """
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ from safetensors import SafetensorError
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
 
 import vedas
-from vedas.configuration_vedas import SPECIAL_TOKENS, Vedas25Config, VedasConfig
+from vedas.configuration_vedas import SPECIAL_TOKENS, Vedas25Config, VedasConfig, VedasSettings
 from vedas.modeling_vedas import Vedas25ForConditionalGeneration, VedasForConditionalGeneration
 
 
@@ -32,6 +33,10 @@ BACKBONES = {
     "qwen2_5_vl": (Qwen2_5_VLForConditionalGeneration, Vedas25Config, Vedas25ForConditionalGeneration),
 }
 VEDAS_MODULE_KEYS = ("depth_router", "depth_step_embed", "token_sr")
+# The special-token strings and ids are assigned by the conversion itself (it adds the tokens to the tokenizer
+# and records their ids); overriding them would make config and tokenizer disagree.
+CONVERSION_OWNED = {f.name for f in dataclasses.fields(VedasSettings) if f.name.endswith(("_token", "_token_id"))}
+OVERRIDABLE = tuple(f.name for f in dataclasses.fields(VedasSettings) if f.name not in CONVERSION_OWNED)
 
 
 class CheckpointError(ValueError):
@@ -104,6 +109,14 @@ def load_base(base_dir, dtype=None):
     return model, processor
 
 
+def check_overrides(overrides: dict) -> None:
+    """Refuse unknown (e.g. misspelled) or conversion-owned VedasConfig fields, listing the valid ones."""
+    for key in overrides:
+        if key not in OVERRIDABLE:
+            hint = " (assigned by the conversion)" if key in CONVERSION_OWNED else ""
+            raise ValueError(f"unknown VedasConfig field {key!r}{hint}. Valid fields: {', '.join(OVERRIDABLE)}.")
+
+
 def add_special_tokens(processor, embedding_rows: int) -> dict[str, int]:
     """Add the latent tokens to the tokenizer; returns `{name: id}`. Ids below `embedding_rows` reuse spare rows."""
     tokenizer = processor.tokenizer
@@ -120,6 +133,7 @@ def convert_base(base_dir, out_dir, overrides: dict | None = None, overwrite: bo
     `overrides` sets any `VedasConfig` field (e.g. `{"num_replay_tokens": 16, "routing_topk": 8}`).
     """
     base_dir, out_dir = Path(base_dir), Path(out_dir)
+    check_overrides(overrides or {})
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"Output folder {str(out_dir)!r} exists and is not empty; pass overwrite=True (--overwrite).")
     base, processor = load_base(base_dir)
@@ -157,13 +171,21 @@ def convert_base(base_dir, out_dir, overrides: dict | None = None, overwrite: bo
             matrix[new_rows] = matrix[:old_vocab].mean(0)
     model.generation_config = base.generation_config
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or processor.tokenizer.pad_token_id
-    context = {"base_model": str(base_dir) if base_dir.exists() else base_dir.name, **(card_context or {})}
-    context.setdefault("base_model_name", base_dir.name)
+    # the card's base_model must be a Hub repo id (a local folder name is not one)
+    context = {"base_model": hub_repo_id(base_dir), **(card_context or {})}
     if out_dir.exists() and overwrite:
         shutil.rmtree(out_dir)
     save_vedas_checkpoint(model.eval(), processor, out_dir, card_context=context)
     logger.info("Converted %s -> %s (%d new parameters)", base_dir, out_dir, count_vedas_parameters(model))
     return model, processor
+
+
+def hub_repo_id(folder) -> str | None:
+    """The Hub repo id of a folder from the HF cache (`.../models--Org--Name/snapshots/<hash>`), else None."""
+    for part in Path(folder).resolve().parts[::-1]:
+        if part.startswith("models--") and part.count("--") >= 2:
+            return part[len("models--") :].replace("--", "/", 1)
+    return None
 
 
 def is_vedas_checkpoint(folder) -> bool:

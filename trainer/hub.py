@@ -21,7 +21,8 @@ from .checkpoint import CheckpointError, check_checkpoint_folder
 logger = logging.getLogger(__name__)
 
 # Card metadata keys the Hub uses for the model page, search and the "Use this model" widget.
-REQUIRED_CARD_FIELDS = ("base_model", "library_name", "pipeline_tag", "tags", "license")
+# base_model is optional (a model built from scratch has none) but must be a valid repo id when present
+REQUIRED_CARD_FIELDS = ("library_name", "pipeline_tag", "tags", "license")
 # Local clutter that never belongs in a model repository (upload_folder skips .git/ and .cache/ itself; the others
 # appear when a checkpoint's remote code was imported from the folder or it was opened in an editor).
 IGNORED_PARTS = (".git", ".cache", "__pycache__", ".ipynb_checkpoints")
