@@ -7,6 +7,7 @@ import time
 import pytest
 
 from vedas_trainer.answers import extract_answer
+from vedas_trainer.prompting import build_messages
 from vedas_trainer.synthetic import (
     CELL_PX,
     COLOURS,
@@ -152,7 +153,11 @@ def test_question_forms():
     mc = make_sample(1, form="mc", n_options=3)
     assert short["choices"] is None and short["answer"] in COLOURS
     assert len(mc["choices"]) == 3 and mc["answer"] in "ABC"
-    assert "options : A" in mc["question"] and "options" not in short["question"]
+    # the question never lists the options: the shared prompt builder appends them from `choices`
+    assert "options" not in mc["question"] and "options" not in short["question"]
+    (text,) = [part["text"] for part in build_messages(mc["question"], mc["choices"])[0]["content"] if "text" in part]
+    assert text == mc["question"] + " options : " + " , ".join(f"{l} {c}" for l, c in zip("ABC", mc["choices"]))
+    assert set(text.split()) <= set(synthetic_vocabulary())
 
 
 def test_vocabulary_is_small_and_lowercase():

@@ -7,7 +7,8 @@ model can learn the task on CPU in minutes (see ``shared/notes/embedded-task-fea
 Every cell holds a small filled triangle ("arrow") with a colour, a direction and a size. One cell,
 the start, has a thick black border. The question asks for the colour of the arrow reached after
 following ``n_moves`` arrows from the start, either as a short answer (a colour word) or as multiple
-choice (the options are listed in the question; the answer is their letter).
+choice (the answer is an option letter). The question text never lists the options: the shared prompt builder
+(:mod:`vedas_trainer.prompting`) appends them from ``choices``, in training and at test time alike.
 
 The rationale names what is seen at every step (row, column, colour, direction): the feasibility
 experiment showed that a CoT naming the colour only at the end is not learned reliably::
@@ -41,6 +42,8 @@ from typing import Any, Iterator, Sequence
 
 import datasets
 from PIL import Image, ImageDraw
+
+from .prompting import format_choices
 
 __all__ = [
     "CELL_PX",
@@ -115,13 +118,10 @@ def _follow(cells: list[list[list[str]]], start: Sequence[int], n_moves: int) ->
     return path
 
 
-def _question_text(n_moves: int, choices: list[str] | None) -> str:
+def _question_text(n_moves: int) -> str:
+    # Options are not part of the question: prompting.build_prompt renders them from the sample's choices.
     noun = "arrow" if n_moves == 1 else "arrows"
-    text = f"start at the marked cell and follow {n_moves} {noun} . what colour is the arrow in the final cell ?"
-    if choices is not None:
-        options = " , ".join(f"{LETTERS[i]} {choice}" for i, choice in enumerate(choices))
-        text += f" options : {options}"
-    return text
+    return f"start at the marked cell and follow {n_moves} {noun} . what colour is the arrow in the final cell ?"
 
 
 def _step_text(label: str, row: int, col: int, colour: str, direction: str) -> str:
@@ -301,7 +301,7 @@ def make_sample(
     return {
         "id": sample_id,
         "images": [_render(scene)],
-        "question": _question_text(moves, choices),
+        "question": _question_text(moves),
         "choices": choices,
         "steps": steps,
         "answer": answer,
@@ -461,8 +461,9 @@ def synthetic_vocabulary() -> list[str]:
     """
     words: list[str] = []
     texts = [
-        _question_text(1, None),
-        _question_text(2, list(COLOURS)),
+        _question_text(1),
+        _question_text(2),
+        format_choices(list(COLOURS)),  # what the prompt builder appends for multiple choice
         _step_text("start", 0, 0, "red", "up"),
         _step_text("step 1", 0, 0, "red", "up"),
         "answer : red",

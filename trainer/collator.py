@@ -1,0 +1,267 @@
+"""The curriculum collator: unified samples -> model inputs in the latent layout of the current stage.
+
+One row of a batch (DESIGN.md 1.3, the layout `VedasForConditionalGeneration.forward` expects)::
+
+    [pad ...] prompt  <|start_latent|> ([<|replay|>] * R + [<|latent|>]) * T_row <|end_latent|>  target <|im_end|> [pad ...]
+    labels:   -100 ...................................................................  target <|im_end|>  -100 ...
+
+* stage 0 (and ``mode="cot"``): no latent block, the target is the whole CoT then ``answer : X``;
+* stage k in [1, max_latent_stage): the first ``min(k, n_steps)`` steps are replaced by ``min(k, n_steps) * c``
+  latent slots, the target is the remaining steps then ``answer : X``;
+* stage >= max_latent_stage: every step is latent and every row gets ``max_latent_stage * c`` slots ("pad to max",
+  as Coconut does), so the latent budget does not leak how many steps a sample had;
+* ``mode="nocot"``: prompt then ``answer : X`` (the No-CoT baseline).
+
+Prompts are left-padded so that every row's prompt ends, and its ``<|start_latent|>`` sits, in the same column;
+targets are right-padded. Steps are merged to ``max_latent_stage`` chunks with :func:`vedas_trainer.data.merge_steps`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data import merge_steps
+from .prompting import build_prompt, format_answer, format_cot
+
+__all__ = ["VedasCollator", "MODES"]
+
+logger = logging.getLogger(__name__)
+
+MODES = ("latent", "cot", "nocot")
+END_OF_TURN_TOKEN = "<|im_end|>"
+
+
+def _sample_id(sample: Mapping[str, Any], position: int) -> str:
+    sample_id = sample.get("id")
+    return str(sample_id) if sample_id is not None else f"<batch position {position}>"
+
+
+def _as_uint8_chw(image: Image.Image) -> torch.Tensor:
+    """A PIL image as the (3, H, W) uint8 tensor the model crops for self-distillation."""
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+class VedasCollator:
+    """Builds training batches for a curriculum stage.
+
+    Args:
+        processor: the checkpoint's processor (Qwen2-VL / Qwen2.5-VL processor with the chat template).
+        config: the model's `VedasConfig` (special-token ids and R = `config.replay_tokens_per_step`).
+        stage: the initial curriculum stage (changed by `set_stage`, usually through `CurriculumCallback`).
+        max_latent_stage: the last stage; samples' steps are merged to at most this many.
+        latents_per_step: c, latent slots per replaced step.
+        uniform_prob: per sample, the probability of training it at a stage drawn uniformly from
+            [0, max_latent_stage] instead of the current one. The draw is seeded by (seed, epoch, sample id), so a
+            resumed run and every data-parallel rank draw the same stages.
+        mode: `"latent"` (the curriculum), `"cot"` (explicit CoT at every stage) or `"nocot"` (answer only).
+        seed: seed of the `uniform_prob` draws.
+        max_length: limit on the real tokens of a row (prompt, latent block and target). A prompt or latent block
+            that does not fit raises (images cannot be truncated); a target that does not fit is cut at the end.
+
+    The stage and epoch live in a shared-memory tensor: DataLoader workers (persistent ones included) see
+    `set_stage` / `set_epoch` calls made in the main process before the epoch's iterator starts.
+    """
+
+    def __init__(
+        self,
+        processor,
+        config,
+        stage: int = 0,
+        max_latent_stage: int = 4,
+        latents_per_step: int = 1,
+        uniform_prob: float = 0.0,
+        mode: str = "latent",
+        seed: int = 0,
+        max_length: int | None = None,
+    ):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if not isinstance(max_latent_stage, int) or max_latent_stage < 1:
+            raise ValueError(f"max_latent_stage must be an integer >= 1, got {max_latent_stage!r}")
+        if not isinstance(latents_per_step, int) or latents_per_step < 1:
+            raise ValueError(f"latents_per_step (c) must be an integer >= 1, got {latents_per_step!r}")
+        if not 0.0 <= uniform_prob <= 1.0:
+            raise ValueError(f"uniform_prob must be in [0, 1], got {uniform_prob!r}")
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be >= 1 or None, got {max_length!r}")
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.config = config
+        self.max_latent_stage = max_latent_stage
+        self.latents_per_step = latents_per_step
+        self.uniform_prob = float(uniform_prob)
+        self.mode = mode
+        self.seed = seed
+        self.max_length = max_length
+
+        ids = config.special_token_ids()
+        if mode == "latent" and any(value is None for value in ids.values()):
+            raise ValueError(
+                f"The config has no latent special-token ids ({ids}); convert the base checkpoint first "
+                f"(examples/convert_base.py)."
+            )
+        self.start_id, self.latent_id = ids["start_latent"], ids["latent"]
+        self.end_id, self.replay_id = ids["end_latent"], ids["replay"]
+        self.replay_slots = config.replay_tokens_per_step
+        end_of_turn = self.tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKEN)
+        if end_of_turn is None or end_of_turn == self.tokenizer.unk_token_id:
+            end_of_turn = self.tokenizer.eos_token_id
+        self.end_of_turn_id = end_of_turn
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else end_of_turn
+        # [stage, epoch] in shared memory, so that DataLoader workers (forked or spawned, persistent or not) read
+        # what the main process set before the epoch's iterator started
+        self._state = torch.zeros(2, dtype=torch.long)
+        try:
+            self._state.share_memory_()
+        except RuntimeError as err:  # no shared memory (e.g. a tiny /dev/shm): fine without persistent workers
+            logger.warning("VedasCollator: no shared memory (%s); use dataloader_persistent_workers=False.", err)
+        self.set_stage(stage)
+        self._warned_truncation = False
+
+    # ------------------------------------------------------------------ curriculum state
+    @property
+    def stage(self) -> int:
+        return int(self._state[0])
+
+    @property
+    def epoch(self) -> int:
+        return int(self._state[1])
+
+    def set_stage(self, stage: int) -> None:
+        if not isinstance(stage, (int, np.integer)) or stage < 0:
+            raise ValueError(f"stage must be an integer >= 0, got {stage!r}")
+        self._state[0] = int(stage)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch seeds the `uniform_prob` draws (a new draw every epoch, reproducible on resume)."""
+        self._state[1] = int(epoch)
+
+    def num_latent_slots(self, stage: int, num_steps: int) -> tuple[int, int]:
+        """`(steps replaced, T_row latent slots)` of a sample with `num_steps` (merged) steps at `stage`."""
+        if stage <= 0:
+            return 0, 0
+        if stage >= self.max_latent_stage:  # everything latent, padded to the maximum budget
+            return num_steps, self.max_latent_stage * self.latents_per_step
+        replaced = min(stage, num_steps)
+        return replaced, replaced * self.latents_per_step
+
+    def sample_stage(self, sample: Mapping[str, Any], position: int = 0) -> int:
+        """The stage a sample is trained at in this batch (the current stage, or a seeded uniform draw)."""
+        if self.mode != "latent":
+            return 0
+        if self.uniform_prob > 0.0:
+            # str seeds are hashed with sha512 by `random`, independent of PYTHONHASHSEED and of batch composition
+            rng = random.Random(f"vedas-uniform/{self.seed}/{self.epoch}/{_sample_id(sample, position)}")
+            if rng.random() < self.uniform_prob:
+                return rng.randint(0, self.max_latent_stage)
+        return self.stage
+
+    # ------------------------------------------------------------------ one sample
+    def _images(self, sample) -> list[Image.Image]:
+        images = sample.get("images")
+        if images is None:
+            return []
+        if isinstance(images, Image.Image):
+            return [images]
+        return list(images)
+
+    def _target_text(self, sample, sample_id: str, stage: int) -> tuple[str, int]:
+        """The supervised text after the prompt (or after `<|end_latent|>`) and T_row."""
+        if self.mode == "nocot":
+            return format_answer(sample["answer"]), 0
+        steps = merge_steps(list(sample.get("steps") or []), self.max_latent_stage)
+        if not steps:
+            raise ValueError(
+                f"Sample {sample_id!r} has an empty steps list: mode {self.mode!r} needs at least one reasoning "
+                f"step (fix or drop the row, or train the No-CoT baseline with mode='nocot')."
+            )
+        replaced, slots = self.num_latent_slots(stage, len(steps))
+        return format_cot(steps[replaced:], sample["answer"]), slots
+
+    def _encode(self, sample, position: int) -> dict[str, Any]:
+        sample_id = _sample_id(sample, position)
+        images = self._images(sample)
+        prompt = build_prompt(self.processor, sample["question"], sample.get("choices"), num_images=len(images))
+        encoded = self.processor(text=[prompt], images=images or None, return_tensors="pt")
+        prompt_ids = encoded["input_ids"][0]
+        if self.max_length is not None and len(prompt_ids) > self.max_length:
+            raise ValueError(
+                f"Sample {sample_id!r}: its prompt is {len(prompt_ids)} tokens (images included), longer than "
+                f"max_length={self.max_length}. Raise max_length or lower the processor's max_pixels."
+            )
+        target_text, slots = self._target_text(sample, sample_id, self.sample_stage(sample, position))
+        block = []
+        if slots:
+            block = [self.start_id] + ([self.replay_id] * self.replay_slots + [self.latent_id]) * slots + [self.end_id]
+        target = self.tokenizer(target_text, add_special_tokens=False)["input_ids"] + [self.end_of_turn_id]
+        if self.max_length is not None:
+            room = self.max_length - len(prompt_ids) - len(block)
+            if room < 0:
+                raise ValueError(
+                    f"Sample {sample_id!r}: prompt ({len(prompt_ids)} tokens) plus its latent block ({len(block)}) "
+                    f"exceeds max_length={self.max_length}."
+                )
+            if len(target) > room:
+                if not self._warned_truncation:
+                    logger.warning(
+                        "Sample %r: target cut from %d to %d tokens to fit max_length=%d (warned once).",
+                        sample_id, len(target), room, self.max_length,
+                    )
+                    self._warned_truncation = True
+                target = target[:room]
+        mm_types = encoded.get("mm_token_type_ids")
+        if mm_types is None:  # older processors: derive it, the model needs it with images
+            mm_types = (encoded["input_ids"] == self.config.image_token_id).long()
+        return {
+            "prompt_ids": prompt_ids,
+            "prompt_types": mm_types[0],
+            "suffix_ids": torch.tensor(block + target, dtype=prompt_ids.dtype),
+            "num_block": len(block),
+            "pixel_values": encoded.get("pixel_values"),
+            "image_grid_thw": encoded.get("image_grid_thw"),
+            "crop_images": [_as_uint8_chw(image) for image in images],
+        }
+
+    # ------------------------------------------------------------------ batch
+    def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        if not samples:
+            raise ValueError("VedasCollator got an empty batch.")
+        rows = [self._encode(sample, position) for position, sample in enumerate(samples)]
+        prompt_width = max(len(row["prompt_ids"]) for row in rows)
+        suffix_width = max(len(row["suffix_ids"]) for row in rows)
+        batch, width = len(rows), prompt_width + suffix_width
+        type_dtype = rows[0]["prompt_types"].dtype
+
+        input_ids = torch.full((batch, width), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((batch, width), dtype=torch.long)
+        labels = torch.full((batch, width), -100, dtype=torch.long)
+        mm_token_type_ids = torch.zeros((batch, width), dtype=type_dtype)
+        for i, row in enumerate(rows):
+            # left-pad the prompt so that it ends (and <|start_latent|> starts) in column `prompt_width` in every row
+            first = prompt_width - len(row["prompt_ids"])
+            input_ids[i, first:prompt_width] = row["prompt_ids"]
+            mm_token_type_ids[i, first:prompt_width] = row["prompt_types"]
+            end = prompt_width + len(row["suffix_ids"])
+            input_ids[i, prompt_width:end] = row["suffix_ids"]
+            attention_mask[i, first:end] = 1
+            # the latent block (markers, replay and latent slots) is never supervised, the target after it is
+            labels[i, prompt_width + row["num_block"] : end] = row["suffix_ids"][row["num_block"] :]
+
+        pixel_values = [row["pixel_values"] for row in rows if row["pixel_values"] is not None]
+        grids = [row["image_grid_thw"] for row in rows if row["image_grid_thw"] is not None]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "mm_token_type_ids": mm_token_type_ids,
+            "pixel_values": torch.cat(pixel_values) if pixel_values else None,
+            "image_grid_thw": torch.cat(grids) if grids else None,
+            "crop_images": [row["crop_images"] for row in rows],
+        }
