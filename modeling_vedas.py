@@ -79,6 +79,18 @@ class _LatentLayout:
         return self.start + step * (self.slots + 1)
 
 
+def _accumulate_router_stats(total: dict, new: dict, passes_before: int):
+    """Merge one pass's router stats into the running ones: selected counts add up over the passes (tokens selected
+    per sample in the whole sequence), mean score and threshold are averaged over the passes."""
+    for key, stats in new.items():
+        if key not in total:
+            total[key] = dict(stats)
+            continue
+        total[key]["selected"] = total[key]["selected"] + stats["selected"]
+        for name in ("score", "threshold"):
+            total[key][name] = (total[key][name] * passes_before + stats[name]) / (passes_before + 1)
+
+
 class VedasMixin:
     """The Vedas logic shared by the Qwen2-VL and Qwen2.5-VL classes."""
 
@@ -430,7 +442,7 @@ class VedasMixin:
         # generate, to z(T): the answer phase starts from <|end_latent|>)
         last = layout.latent_column(layout.num_steps) + 1 if return_hidden_only else length
         ends = [layout.start + 1] + [layout.latent_column(t) + 1 for t in range(1, layout.num_steps)] + [last]
-        begin, hidden_chunks = 0, []
+        begin, hidden_chunks, router_stats = 0, [], {}
         for step, end in enumerate(ends):
             chunk = slice(begin if cached else 0, end)
             capture = replay_on and step < layout.num_steps
@@ -446,6 +458,10 @@ class VedasMixin:
                 past_key_values=cache, use_cache=cached, vedas_state=state,
             ).last_hidden_state
             hidden_chunks.append(hidden)
+            if cached:  # each pass saw new tokens; without a cache the last pass covers the whole sequence
+                _accumulate_router_stats(router_stats, state.router_stats, step)
+            else:
+                router_stats = state.router_stats
             begin = end
             if step == layout.num_steps:
                 break
@@ -512,7 +528,7 @@ class VedasMixin:
             loss = recon_loss * cfg.recon_weight if loss is None else loss + cfg.recon_weight * recon_loss
         return VedasCausalLMOutput(
             loss=loss, ce_loss=ce_loss, recon_loss=recon_loss, logits=logits, past_key_values=cache,
-            latent_trace=trace if output_latent_trace else None, router_stats=state.router_stats,
+            latent_trace=trace if output_latent_trace else None, router_stats=router_stats,
         )
 
     # ---------------------------------------------------------------- generate
