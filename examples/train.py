@@ -12,6 +12,7 @@ On a real base and dataset, for example:
         --per_device_train_batch_size 8 --bf16 --lora --recon_weight 0.2
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -122,7 +123,7 @@ def load_training_data(data_args, quick):
     if data_args.dataset == "synthetic":
         from vedas_trainer.synthetic import build_synthetic_dataset
 
-        n = 256 if quick else data_args.n_train
+        n = min(256, data_args.n_train) if quick else data_args.n_train  # --quick caps, a smaller --n_train wins
         return build_synthetic_dataset(n, seed=data_args.seed_data, split="train")
     from vedas_trainer.data import load_vedas_dataset
 
@@ -145,9 +146,11 @@ def plot_losses(log_history, path):
         values = [r.get(key) for r in rows]
         if any(v is not None for v in values):
             ax.plot(steps, [v if v is not None else float("nan") for v in values], label=key)
-    for r in log_history:
-        if "stage" in r and r.get("stage_changed"):
+    previous = None
+    for r in rows:  # the trainer logs `stage` with every training log: mark where it changes
+        if previous is not None and r.get("stage", previous) != previous:
             ax.axvline(r["step"], color="grey", lw=0.5)
+        previous = r.get("stage", previous)
     ax.set_xlabel("step")
     ax.set_yscale("log")
     ax.legend()
@@ -158,10 +161,23 @@ def plot_losses(log_history, path):
     return path
 
 
+def parameter_checksum(model) -> tuple[float, str]:
+    """(sum of |p|, sha256 of the raw bytes) over all parameters in name order: data-parallel ranks must agree."""
+    digest, total = hashlib.sha256(), 0.0
+    for name, param in sorted(model.named_parameters()):
+        data = param.detach().cpu().contiguous().reshape(-1)
+        digest.update(name.encode())
+        digest.update(data.view(torch.uint8).numpy().tobytes())
+        total += data.double().abs().sum().item()
+    return total, digest.hexdigest()
+
+
 def main():
     started = time.time()
     model_args, data_args, run_args, args, embedded = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logger.info("rank %d of world size %d (local rank %d, device %s) started", args.process_index, args.world_size,
+                args.local_process_index, args.device)
     quick = run_args.quick
     if quick:  # a couple of minutes: the test-size model, few samples, one epoch per stage, two stages
         args.cot_warmup_epochs, args.epochs_per_stage, args.max_latent_stage = 1, 1, 2
@@ -179,11 +195,16 @@ def main():
         ))
     warmup = args.epochs_per_stage if args.cot_warmup_epochs is None else args.cot_warmup_epochs
     total_epochs = warmup + args.max_latent_stage * args.epochs_per_stage
-    if embedded or "--num_train_epochs" not in sys.argv:  # by default: exactly through the last stage
+    epochs_given = any(a == "--num_train_epochs" or a.startswith("--num_train_epochs=") for a in sys.argv)
+    if embedded or not epochs_given:  # by default: exactly through the last stage
         args.num_train_epochs = total_epochs
     # the curriculum callback is added by VedasTrainer from the arguments
     trainer = VedasTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    # every rank logs its own weights' checksum: data-parallel replicas must end identical
+    total, digest = parameter_checksum(trainer.model)
+    logger.info("rank %d parameter checksum %.6f sha256 %s (global step %d)", args.process_index, total, digest,
+                trainer.state.global_step)
 
     out = Path(args.output_dir)
     final_dir = out / "checkpoint-final"
