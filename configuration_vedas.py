@@ -61,6 +61,9 @@ class VedasSettings:
             Side in pixels of the re-encoded crop; a multiple of patch_size * spatial_merge_size.
         recon_weight (`float`, *optional*, defaults to 1.0):
             λ, the weight of the self-distillation loss L_recon (paper: 1.0 for 2B/3B, 0.2 for 7B).
+        recon_normalize_target (`bool`, *optional*, defaults to True):
+            Layer-normalise (no affine) the teacher's pooled crop features u_ref before the MSE, so that L_recon
+            keeps its scale while the vision tower trains; False is the paper-literal MSE on raw features.
         image_mean, image_std (`list[float]`):
             Normalisation used to re-encode crops; copied from the image processor at conversion.
 
@@ -96,6 +99,7 @@ class VedasSettings:
     window_size: int = 3
     crop_resolution: int = 280
     recon_weight: float = 1.0
+    recon_normalize_target: bool = True
     image_mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
     image_std: list[float] = field(default_factory=lambda: list(CLIP_STD))
     routing_layers: list[int] | None = None

@@ -393,8 +393,10 @@ class VedasMixin:
         )
         with torch.no_grad():
             features = self.model.get_image_features(pixel_values.to(self.model.visual.dtype), grid_thw.to(self.device))
-        pooled = torch.stack([f.mean(0) for f in features.pooler_output]).to(dtype)
-        return pooled, keys
+        pooled = torch.stack([f.mean(0) for f in features.pooler_output]).float()
+        if cfg.recon_normalize_target:  # a fixed scale while the vision tower (and so u_ref) keeps moving
+            pooled = nn.functional.layer_norm(pooled, pooled.shape[-1:])
+        return pooled.to(dtype), keys
 
     def _latent_forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, labels,
                         crop_images=None, num_replay_tokens=None, use_cache=None, past_key_values=None,
