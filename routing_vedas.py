@@ -39,6 +39,32 @@ class VedasCache(DynamicCache):
         self.routing_thresholds = {}
         self.routing_positions = {}
 
+    # generate's batch operations (beam search, contrastive search) must move the routing state with the rows
+    def _map_routing_batch(self, fn):
+        self.routing_kv = {key: tuple(fn(t) for t in value) for key, value in self.routing_kv.items()}
+        self.routing_thresholds = {key: fn(value) for key, value in self.routing_thresholds.items()}
+        self.routing_positions = {key: fn(value) for key, value in self.routing_positions.items()}
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        self._map_routing_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        self._map_routing_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        self._map_routing_batch(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int):
+        if self.routing_kv and tokens_to_remove != 0:
+            raise NotImplementedError(
+                "VedasCache cannot be cropped once routing layers hold second-pass keys (assisted / speculative "
+                "decoding): the routing cache does not record which positions its keys came from."
+            )
+        super().crop(tokens_to_remove)
+
 
 class _SecondPassKV:
     """Duck-typed stand-in for a cache, handed to the backbone's attention during the second pass.
@@ -93,16 +119,22 @@ class VedasForwardState:
     router_scores: dict = field(default_factory=dict)
 
 
-def _kth_largest(scores: torch.Tensor, mask: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Per row, the k-th largest of `scores` where `mask` (k >= 1, capped at the row's count; +inf if empty).
+def _top_alpha(scores: torch.Tensor, mask: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, exactly min(k, count) highest-scoring tokens where `mask` (equal scores: the earlier position wins),
+    and the k-th largest score (capped at the row's count; +inf if the row has none).
 
-    scores, mask: (batch, l); k: (batch,) long. Returns (batch,) float.
+    Ranks rather than `score >= k-th score` keep exactly α even when scores tie (a saturated sigmoid gives 1.0).
+    scores, mask: (batch, l); k: (batch,) long. Returns `(top (batch, l) bool, kth (batch,) float)`.
     """
     count = mask.sum(-1)
-    k = torch.minimum(k, count).clamp(min=1)
-    ranked = scores.masked_fill(~mask, float("-inf")).sort(dim=-1, descending=True).values
-    kth = ranked.gather(1, (k - 1).unsqueeze(1)).squeeze(1)
-    return torch.where(count > 0, kth, torch.full_like(kth, float("inf")))
+    k = torch.minimum(k, count)
+    ranked = scores.masked_fill(~mask, float("-inf")).sort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(ranked.indices).scatter_(
+        1, ranked.indices, torch.arange(scores.shape[1], device=scores.device).expand_as(ranked.indices)
+    )
+    top = mask & (rank < k[:, None])
+    kth = ranked.values.gather(1, (k - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    return top, torch.where(k > 0, kth, torch.full_like(kth, float("inf")))
 
 
 class VedasDecoderLayerMixin:
@@ -113,6 +145,9 @@ class VedasDecoderLayerMixin:
     """
 
     def _init_vedas(self, config, layer_idx: int, vedas_config):
+        # `from_pretrained(..., **overrides)` sets fields after the config ran its checks: check again before use
+        if hasattr(vedas_config, "_validate_vedas"):
+            vedas_config._validate_vedas()
         self.layer_idx = layer_idx
         self.is_routing_layer = layer_idx in vedas_config.routing_layers
         if self.is_routing_layer:
@@ -185,15 +220,16 @@ class VedasDecoderLayerMixin:
         scores = torch.sigmoid(self.depth_router(hidden_states).float()).squeeze(-1)  # (b, l), fp32
         valid = state.token_valid
         if state.routing_mode == "global":
-            threshold = _kth_largest(scores, valid, self._alpha(state, valid.sum(-1)))
+            selected, threshold = _top_alpha(scores, valid, self._alpha(state, valid.sum(-1)))
         elif cache is not None and key in cache.routing_thresholds:
             threshold = cache.routing_thresholds[key]
-        else:
+            selected = valid & (scores >= threshold[:, None])
+        else:  # the prompt's top-α is selected and sets the threshold that every later token must reach
             prompt = state.prompt_mask & valid
-            threshold = _kth_largest(scores, prompt, self._alpha(state, prompt.sum(-1)))
+            top, threshold = _top_alpha(scores, prompt, self._alpha(state, prompt.sum(-1)))
+            selected = torch.where(prompt, top, valid & (scores >= threshold[:, None]))
             if cache is not None:
                 cache.routing_thresholds[key] = threshold
-        selected = valid & (scores >= threshold[:, None])
 
         # gather the selected tokens in position order: a stable sort puts them first, padding slots after
         counts = selected.sum(-1)
@@ -241,7 +277,8 @@ class VedasDecoderLayerMixin:
                                 position_embeddings=(cos, sin))
         gate = scores.gather(1, order).unsqueeze(-1).to(h_sel.dtype)
         delta = (f_sel - h_sel) * gate * self.depth_step_embed.weight[depth] * sel_valid.unsqueeze(-1)
-        return hidden_states + torch.zeros_like(hidden_states).scatter(1, index.expand_as(delta), delta)
+        # out-of-place scatter_add: one copy of the hidden states plus the selected rows (indices are distinct)
+        return hidden_states.scatter_add(1, index.expand_as(delta), delta)
 
 
 def _apply_rotary(q, k, cos, sin):
