@@ -119,6 +119,16 @@ class VedasSettings:
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        self._finalize_vedas()
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # `from_pretrained(dir, **overrides)` sets the overrides after `__init__` ran the checks: run them again
+        result = super().from_dict(config_dict, **kwargs)
+        (result[0] if isinstance(result, tuple) else result)._finalize_vedas()
+        return result
+
+    def _finalize_vedas(self):
         num_layers = self.text_config.num_hidden_layers
         if self.routing_layers is None:
             self.routing_layers = list(range(0, num_layers, 2))

@@ -221,6 +221,8 @@ class VedasMixin:
                 input_ids=input_ids, inputs_embeds=embeds, image_grid_thw=image_grid_thw, video_grid_thw=None,
                 attention_mask=attention_mask, past_key_values=past_key_values, mm_token_type_ids=mm_token_type_ids,
             )
+            if position_ids is not None:  # on a cache, HF derives positions for the whole attention mask
+                position_ids = position_ids[..., -input_ids.shape[1] :]
         length = input_ids.shape[1]
         token_valid = (
             attention_mask[:, -length:].bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
