@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, set_seed
+from transformers import HfArgumentParser, TrainerCallback, set_seed
 
 from vedas_trainer.checkpoint import convert_base, is_vedas_checkpoint, load_vedas, save_vedas_checkpoint
 from vedas_trainer.collator import VedasCollator
@@ -75,7 +75,7 @@ EMBEDDED_SIZES = TinySizes(
 EMBEDDED_VEDAS = {"num_replay_tokens": 4, "routing_topk": 0.25, "crop_resolution": 84, "window_size": 3,
                   "num_latent_steps": 4}
 EMBEDDED_TRAINING = dict(
-    epochs_per_stage=1, cot_warmup_epochs=5, max_latent_stage=4, learning_rate=2e-3, adam_beta2=0.98, weight_decay=0.05, warmup_steps=100, lr_scheduler_type="cosine",
+    epochs_per_stage=1, cot_warmup_epochs=8, max_latent_stage=4, learning_rate=2e-3, adam_beta2=0.98, weight_decay=0.05, warmup_steps=100, lr_scheduler_type="cosine",
     max_grad_norm=1.0, per_device_train_batch_size=32, logging_steps=10, save_strategy="epoch", save_total_limit=2,
     report_to="none", dataloader_num_workers=0, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
 )
@@ -129,6 +129,73 @@ def load_training_data(data_args, quick):
 
     return load_vedas_dataset(data_args.dataset, data_args.dataset_format, split="train",
                               image_root=data_args.image_root, skip_bad_rows=data_args.skip_bad_rows)
+
+
+class WarmupEvalCallback(TrainerCallback):
+    """Evaluates explicit CoT and No-CoT on the model as it stands at the end of the CoT warm-up (stage 0), before
+    the curriculum turns the rationale into latents: that model is the CoT baseline of the same run."""
+
+    def __init__(self, processor, samples, warmup_epochs):
+        self.processor, self.samples, self.warmup_epochs = processor, samples, warmup_epochs
+        self.results = None
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if self.results is not None or round(state.epoch or 0) != self.warmup_epochs or not state.is_world_process_zero:
+            return
+        from vedas_trainer.evaluation import evaluate_checkpoint
+
+        was_training = model.training
+        model.eval()
+        self.results = evaluate_checkpoint(model, self.processor, self.samples, modes=("nocot", "cot"), batch_size=32)
+        model.train(was_training)
+        logger.info("End of CoT warm-up: %s", {m: r["accuracy"] for m, r in self.results["modes"].items()})
+
+
+def latent_ablations(model, processor, samples):
+    """Inference-time ablations of the trained model: latent mode without replay (K = 0) and without RDS (e = 0)."""
+    from vedas_trainer.evaluation import evaluate_checkpoint
+
+    rows = {}
+    replay = model.config.num_replay_tokens
+    model.config.num_replay_tokens = 0
+    try:
+        rows["Vedas latent, replay off (K = 0)"] = evaluate_checkpoint(
+            model, processor, samples, modes=("latent",), batch_size=32)["modes"]["latent"]
+    finally:
+        model.config.num_replay_tokens = replay
+    gates = {n: p.detach().clone() for n, p in model.named_parameters() if "depth_step_embed" in n}
+    try:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in gates:
+                    param.zero_()
+        rows["Vedas latent, RDS off (e = 0)"] = evaluate_checkpoint(
+            model, processor, samples, modes=("latent",), batch_size=32)["modes"]["latent"]
+    finally:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in gates:
+                    param.copy_(gates[name])
+    return rows
+
+
+def table1_markdown(warmup_results, final_results, ablations) -> str:
+    """The run's Table 1: No-CoT and CoT from the end of the warm-up, Vedas latent (and ablations) at the end."""
+    lines = ["| Model / mode | Accuracy (%) | AR steps | Time / sample (ms) |", "|---|---|---|---|"]
+
+    def row(name, metrics):
+        lines.append(f"| {name} | {100 * metrics['accuracy']:.1f} | {metrics['avg_ar_steps']:.1f} | "
+                     f"{1000 * metrics['avg_seconds_per_sample']:.1f} |")
+
+    if warmup_results:
+        row("No-CoT (warm-up model, answer forced at once)", warmup_results["modes"]["nocot"])
+        row("Explicit CoT (warm-up model)", warmup_results["modes"]["cot"])
+    names = {"nocot": "No-CoT (final model)", "cot": "Explicit CoT (final model)", "latent": "Vedas latent (final)"}
+    for mode, metrics in final_results["modes"].items():
+        row(names[mode], metrics)
+    for name, metrics in ablations.items():
+        row(name, metrics)
+    return "\n".join(lines) + "\n"
 
 
 def plot_losses(log_history, path):
@@ -198,8 +265,16 @@ def main():
     epochs_given = any(a == "--num_train_epochs" or a.startswith("--num_train_epochs=") for a in sys.argv)
     if embedded or not epochs_given:  # by default: exactly through the last stage
         args.num_train_epochs = total_epochs
+    test_samples = None
+    if run_args.evaluate_after and data_args.dataset == "synthetic":
+        from vedas_trainer.synthetic import build_synthetic_dataset
+
+        test = build_synthetic_dataset(16 if quick else data_args.n_test, seed=data_args.seed_data, split="test")
+        test_samples = [test[i] for i in range(len(test))]
+    callbacks = [WarmupEvalCallback(processor, test_samples, warmup)] if test_samples and not model_args.lora else []
     # the curriculum callback is added by VedasTrainer from the arguments
-    trainer = VedasTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator)
+    trainer = VedasTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+                           callbacks=callbacks)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
     # every rank logs its own weights' checksum: data-parallel replicas must end identical
     total, digest = parameter_checksum(trainer.model)
@@ -213,19 +288,24 @@ def main():
         results_md = None
         report = {"train_seconds": time.time() - started, "epochs": total_epochs, "world_size": args.world_size,
                   "args": {"model": asdict(model_args), "data": asdict(data_args), "run": asdict(run_args)}}
-        if run_args.evaluate_after and data_args.dataset == "synthetic":
-            from vedas_trainer.evaluation import evaluate_checkpoint, results_to_markdown, save_results
-            from vedas_trainer.synthetic import build_synthetic_dataset
+        if test_samples:
+            from vedas_trainer.evaluation import evaluate_checkpoint, save_results
 
-            n_test = 16 if quick else data_args.n_test
-            test = build_synthetic_dataset(n_test, seed=data_args.seed_data, split="test")
-            samples = [test[i] for i in range(len(test))]
             final.eval()
-            results = evaluate_checkpoint(final, processor, samples, batch_size=16)
+            results = evaluate_checkpoint(final, processor, test_samples, batch_size=32)
             save_results(results, out, title="Vedas embedded default")
-            results_md = results_to_markdown(results)
-            report["results"] = {mode: {k: v for k, v in metrics.items() if k != "predictions"}
-                                 for mode, metrics in results["modes"].items()}
+            ablations = latent_ablations(final, processor, test_samples)
+            warmup_results = callbacks[0].results if callbacks else None
+            results_md = table1_markdown(warmup_results, results, ablations)
+            (out / "table1.md").write_text(results_md)
+
+            def strip(metrics):
+                return {k: v for k, v in metrics.items() if k != "predictions"}
+
+            report["results"] = {mode: strip(metrics) for mode, metrics in results["modes"].items()}
+            report["ablations"] = {name: strip(metrics) for name, metrics in ablations.items()}
+            if warmup_results:
+                report["warmup_results"] = {m: strip(r) for m, r in warmup_results["modes"].items()}
         curve = plot_losses(trainer.state.log_history, out / "loss_curve.png")
         setup = (f"{'Tiny ' + model_args.backbone + ' base built from scratch' if embedded else model_args.base_model}; "
                  f"{len(train_dataset)} training samples; {warmup} CoT warm-up epoch(s) then {args.max_latent_stage} "
