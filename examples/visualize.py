@@ -1,0 +1,109 @@
+"""Pictures of what Vedas looks at, like the paper's figures 5 and 6.
+
+    python examples/visualize.py CHECKPOINT --sample 3 [--out DIR] [--data synthetic]
+
+For one test sample it writes `sample_<N>.png`: one column per latent step with (top) the image, the replayed visual
+tokens shaded by their replay weight and the dense W x W crop window drawn, and (bottom) the first routing layer's
+router scores over the tokens of that step's forward (the prompt for step 1, then the replayed tokens and the latent),
+selected tokens marked.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+def trace_sample(model, processor, sample):
+    from vedas_trainer.prompting import build_prompt
+
+    prompt = build_prompt(processor, sample["question"], sample.get("choices"), num_images=len(sample["images"]))
+    inputs = processor(text=[prompt], images=sample["images"], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=16, do_sample=False, return_dict_in_generate=True,
+                             output_latent_trace=True)
+    answer = processor.batch_decode(out.sequences[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+    grid = inputs["image_grid_thw"][0].tolist()
+    merge = model.config.vision_config.spatial_merge_size
+    return out.latent_trace, (grid[1] // merge, grid[2] // merge), answer
+
+
+def draw(sample, trace, grid_hw, answer, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.patches as patches
+    import matplotlib.pyplot as plt
+
+    image = sample["images"][0]
+    steps = max(len(trace), 1)
+    fig, axes = plt.subplots(2, steps, figsize=(3.2 * steps, 6), squeeze=False)
+    gh, gw = grid_hw
+    cell_h, cell_w = image.height / gh, image.width / gw
+    for t, step in enumerate(trace):
+        ax = axes[0, t]
+        ax.imshow(image)
+        indices = step.get("replay_indices")
+        if indices is not None:
+            weights = step["replay_weights"][0]
+            top = float(weights.max()) if weights.numel() else 1.0
+            for index, weight in zip(indices[0].tolist(), weights.tolist()):
+                if index < 0:
+                    continue
+                row, col = divmod(index, gw)
+                ax.add_patch(patches.Rectangle((col * cell_w, row * cell_h), cell_w, cell_h, color="magenta",
+                                               alpha=0.15 + 0.5 * weight / max(top, 1e-9)))
+            window = step.get("crop_window", [None])[0]
+            if window is not None:
+                _, r0, r1, c0, c1 = window
+                ax.add_patch(patches.Rectangle((c0 * cell_w, r0 * cell_h), (c1 - c0) * cell_w, (r1 - r0) * cell_h,
+                                               fill=False, edgecolor="lime", linewidth=2))
+        ax.set_title(f"latent step {t + 1}")
+        ax.axis("off")
+        ax = axes[1, t]
+        scores = step.get("router_scores") or {}
+        if scores:
+            key = sorted(scores)[0]
+            values, selected = scores[key]
+            values, selected = values[0].float(), selected[0]
+            ax.bar(range(len(values)), values.tolist(), color=["tab:red" if s else "tab:grey" for s in selected.tolist()])
+            ax.set_title(f"router L{key[0]} (red: second pass)", fontsize=8)
+            ax.set_ylim(0, 1)
+        ax.set_xlabel("token of this step's forward", fontsize=8)
+    fig.suptitle(f"{sample['question'][:90]}\npredicted: {answer.strip()!r}   answer: {sample['answer']!r}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def visualize(checkpoint, sample_indices, out_dir, n_test=300, seed=0):
+    from vedas_trainer.evaluation import load_model_and_processor
+    from vedas_trainer.synthetic import build_synthetic_dataset
+
+    model, processor = load_model_and_processor(checkpoint)
+    test = build_synthetic_dataset(max(n_test, max(sample_indices) + 1), seed=seed, split="test")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in sample_indices:
+        sample = test[index]
+        trace, grid_hw, answer = trace_sample(model, processor, sample)
+        paths.append(draw(sample, trace, grid_hw, answer, out_dir / f"sample_{index}.png"))
+    return paths
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--sample", type=int, nargs="+", default=[0])
+    parser.add_argument("--out", default=None, help="defaults to CHECKPOINT/../pictures")
+    args = parser.parse_args(argv)
+    out = args.out or str(Path(args.checkpoint).resolve().parent / "pictures")
+    for path in visualize(args.checkpoint, args.sample, out):
+        print(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
