@@ -54,7 +54,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,12 +75,13 @@ def _import_stack():
 
 _import_stack()
 
-from transformers import AutoProcessor, DynamicCache  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from vedas.routing_vedas import VedasCache  # noqa: E402
 from vedas_trainer.checkpoint import BACKBONES as CLASSES  # noqa: E402
-from vedas_trainer.checkpoint import convert_base  # noqa: E402
+from vedas_trainer.checkpoint import convert_base, load_vedas  # noqa: E402
+from vedas_trainer.testing import make_inputs, perturb_vedas, quadrant_image  # noqa: E402
 from vedas_trainer.tiny_base import TinySizes, build_tiny_base  # noqa: E402
 
 
@@ -100,52 +100,6 @@ QUESTION = " ".join(
 
 
 # ------------------------------------------------------------------------------------------------ models / data
-def quadrant_image(size=(448, 448), seed=0):
-    """Deterministic RGB image of coloured 14x14 blocks (as tests/conftest.py::quadrant_image)."""
-    generator = torch.Generator().manual_seed(seed)
-    w, h = size
-    pixels = (torch.rand(h // 14 + 1, w // 14 + 1, 3, generator=generator) * 255).to(torch.uint8)
-    pixels = pixels.repeat_interleave(14, 0).repeat_interleave(14, 1)[:h, :w]
-    return Image.fromarray(pixels.numpy())
-
-
-def make_inputs(processor, question, image):
-    content = [{"type": "image"}, {"type": "text", "text": question}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    return processor(text=[text], images=[image], return_tensors="pt", padding=True)
-
-
-def perturb_vedas(model, seed=0, gate=0.5):
-    """Non-trivial router weights and e(d), as tests/conftest.py::perturb_vedas (e = 0 would make RDS a no-op)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "depth_step_embed" in name:
-                param.copy_(gate + 0.1 * torch.randn(param.shape, generator=generator))
-            elif "depth_router" in name:
-                param.copy_(torch.randn(param.shape, generator=generator))
-    return model
-
-
-def load_vedas(folder, **overrides):
-    """`vedas_trainer.checkpoint.load_vedas` when this checkout has it, else the same few lines."""
-    try:
-        from vedas_trainer.checkpoint import load_vedas as loader
-    except ImportError:
-        loader = None
-    if loader is not None:
-        return loader(folder, **overrides)
-    import json
-
-    model_type = json.loads((Path(folder) / "config.json").read_text())["model_type"]
-    _, config_class, model_class = CLASSES["qwen2_vl" if model_type == "vedas" else "qwen2_5_vl"]
-    config = config_class.from_pretrained(folder, **overrides)
-    model = model_class.from_pretrained(folder, config=config).eval()
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    processor.tokenizer.padding_side = "left"
-    return model, processor
-
-
 def build_models(backbone, sizes, root):
     base_dir, vedas_dir = root / "base", root / "vedas"
     build_tiny_base(backbone, str(base_dir), seed=0, sizes=sizes)
@@ -417,7 +371,7 @@ def main():
             root = Path(tmp) / size_name
             with contextlib.redirect_stderr(io.StringIO()):
                 base, eager, vedas, vedas_off, processor = build_models(args.backbone, sizes, root)
-            inputs = make_inputs(processor, QUESTION, quadrant_image((448, 448)))
+            inputs = make_inputs(processor, [QUESTION], [quadrant_image((448, 448))])
             prompt = inputs["input_ids"].shape[1]
             visual = int((inputs["input_ids"] == vedas.config.image_token_id).sum())
             variants = make_variants(base, vedas, vedas_off, inputs, args.cot_tokens)

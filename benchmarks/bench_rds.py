@@ -40,13 +40,12 @@ import torch
 
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # make_inputs / perturb_vedas / quadrant_image from the test fixtures
 
-from conftest import make_inputs, perturb_vedas, quadrant_image  # noqa: E402
 from transformers import AutoProcessor, DynamicCache  # noqa: E402
 
 from vedas.routing_vedas import VedasCache  # noqa: E402
 from vedas_trainer.checkpoint import BACKBONES, convert_base  # noqa: E402
+from vedas_trainer.testing import make_inputs, perturb_vedas, quadrant_image  # noqa: E402
 from vedas_trainer.tiny_base import TinySizes, build_tiny_base  # noqa: E402
 
 

@@ -59,6 +59,8 @@ class DataArguments:
     skip_bad_rows: bool = False
     n_train: int = 6000
     n_test: int = 300
+    task_kwargs: str = field(default="{}", metadata={"help": "JSON options of the synthetic task, e.g. "
+                                                             "'{\"grid\": 3, \"mc_prob\": 0.0}'."})
     seed_data: int = 0
 
 
@@ -124,7 +126,7 @@ def load_training_data(data_args, quick):
         from vedas_trainer.synthetic import build_synthetic_dataset
 
         n = min(256, data_args.n_train) if quick else data_args.n_train  # --quick caps, a smaller --n_train wins
-        return build_synthetic_dataset(n, seed=data_args.seed_data, split="train")
+        return build_synthetic_dataset(n, seed=data_args.seed_data, split="train", **json.loads(data_args.task_kwargs))
     from vedas_trainer.data import load_vedas_dataset
 
     return load_vedas_dataset(data_args.dataset, data_args.dataset_format, split="train",
@@ -269,7 +271,8 @@ def main():
     if run_args.evaluate_after and data_args.dataset == "synthetic":
         from vedas_trainer.synthetic import build_synthetic_dataset
 
-        test = build_synthetic_dataset(16 if quick else data_args.n_test, seed=data_args.seed_data, split="test")
+        test = build_synthetic_dataset(16 if quick else data_args.n_test, seed=data_args.seed_data, split="test",
+                                       **json.loads(data_args.task_kwargs))
         test_samples = [test[i] for i in range(len(test))]
     callbacks = [WarmupEvalCallback(processor, test_samples, warmup)] if test_samples and not model_args.lora else []
     # the curriculum callback is added by VedasTrainer from the arguments

@@ -1,0 +1,37 @@
+"""Small helpers shared by the tests and the benchmarks: deterministic images, processor inputs, and non-trivial
+values for the Vedas modules (at init e(d) = 0, which makes routing depth scaling a no-op)."""
+
+import torch
+from PIL import Image
+
+
+def quadrant_image(size=(112, 84), seed=0):
+    """A deterministic RGB image of coloured 14 x 14 blocks (`size` is (width, height))."""
+    generator = torch.Generator().manual_seed(seed)
+    w, h = size
+    pixels = (torch.rand(h // 14 + 1, w // 14 + 1, 3, generator=generator) * 255).to(torch.uint8)
+    pixels = pixels.repeat_interleave(14, 0).repeat_interleave(14, 1)[:h, :w]
+    return Image.fromarray(pixels.numpy())
+
+
+def make_inputs(processor, questions, images):
+    """Processor inputs for a batch: each sample is one image (or a list of images) and a question."""
+    texts, flat_images = [], []
+    for question, sample_images in zip(questions, images):
+        sample_images = sample_images if isinstance(sample_images, list) else [sample_images]
+        content = [{"type": "image"} for _ in sample_images] + [{"type": "text", "text": question}]
+        texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
+        flat_images.extend(sample_images)
+    return processor(text=texts, images=flat_images or None, return_tensors="pt", padding=True)
+
+
+def perturb_vedas(model, seed=0, gate=0.5):
+    """Give the router and e(d) non-trivial values so that routing really changes the outputs."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "depth_step_embed" in name:
+                param.copy_(gate + 0.1 * torch.randn(param.shape, generator=generator))
+            elif "depth_router" in name:
+                param.copy_(torch.randn(param.shape, generator=generator))
+    return model
