@@ -316,6 +316,12 @@ def main():
                  f"{args.per_device_train_batch_size} x {args.world_size} process(es).")
         save_vedas_checkpoint(final, processor, final_dir, card_context={
             "setup": setup, "results": results_md, "base_model": model_args.base_model})
+        if test_samples:  # a few pictures of what the latent steps replay (like the paper's figures 5-6)
+            from visualize import visualize  # examples/visualize.py, next to this script
+
+            report["pictures"] = [str(p) for p in visualize(
+                final_dir, [0, 1, 2], out / "pictures", n_test=len(test_samples), seed=data_args.seed_data,
+                task_kwargs=json.loads(data_args.task_kwargs))]
         report["wall_seconds"] = time.time() - started
         (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
         logger.info("Checkpoint: %s; loss curve: %s", final_dir, curve)

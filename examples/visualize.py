@@ -9,6 +9,7 @@ selected tokens marked.
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -78,12 +79,13 @@ def draw(sample, trace, grid_hw, answer, path):
     return path
 
 
-def visualize(checkpoint, sample_indices, out_dir, n_test=300, seed=0):
+def visualize(checkpoint, sample_indices, out_dir, n_test=300, seed=0, task_kwargs=None):
     from vedas_trainer.evaluation import load_model_and_processor
     from vedas_trainer.synthetic import build_synthetic_dataset
 
     model, processor = load_model_and_processor(checkpoint)
-    test = build_synthetic_dataset(max(n_test, max(sample_indices) + 1), seed=seed, split="test")
+    test = build_synthetic_dataset(max(n_test, max(sample_indices) + 1), seed=seed, split="test",
+                                   **dict(task_kwargs or {}))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -99,9 +101,12 @@ def main(argv=None):
     parser.add_argument("checkpoint")
     parser.add_argument("--sample", type=int, nargs="+", default=[0])
     parser.add_argument("--out", default=None, help="defaults to CHECKPOINT/../pictures")
+    parser.add_argument("--n-test", type=int, default=300, help="size of the synthetic test split (as in training)")
+    parser.add_argument("--seed", type=int, default=0, help="the training run's --seed_data")
+    parser.add_argument("--task-kwargs", default="{}", help="the training run's --task_kwargs (JSON)")
     args = parser.parse_args(argv)
     out = args.out or str(Path(args.checkpoint).resolve().parent / "pictures")
-    for path in visualize(args.checkpoint, args.sample, out):
+    for path in visualize(args.checkpoint, args.sample, out, args.n_test, args.seed, json.loads(args.task_kwargs)):
         print(path)
 
 

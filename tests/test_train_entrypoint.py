@@ -389,3 +389,10 @@ def test_trainer_accepts_the_zero2_config(tmp_path):
     assert ds.get_value("gradient_clipping") == 1.0
     assert ds.get_value("bf16.enabled") is False  # "auto" follows --bf16 (not given here)
     assert args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 2
+
+
+def test_quick_run_writes_pictures(quick_run):
+    out, _, _ = quick_run
+    pictures = sorted((out / "pictures").glob("sample_*.png"))
+    assert [p.name for p in pictures] == ["sample_0.png", "sample_1.png", "sample_2.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pictures)
