@@ -33,7 +33,7 @@ No assertions: this prints numbers. It needs no network and takes a few minutes 
 Timings on a busy machine are unreliable: with 2 threads on 2 cores, one competing process can slow every
 variant several-fold and unevenly. The printed load average says how busy the machine was; compare ratios within
 one run, and the min-based ratios too. (On Linux with autogroup scheduling, `nice` alone does not shield the run
-from other sessions; the session's `/proc/<pid>/autogroup` priority does.)
+from other terminal sessions' processes; the autogroup priority in `/proc/<pid>/autogroup` does.)
 """
 
 import argparse

@@ -83,7 +83,7 @@ def _train(out, tmp_path, *args, log_name="train"):
 
 
 def _free_port():
-    with socket.socket() as s:  # other test sessions may run a distributed job on accelerate's default 29500
+    with socket.socket() as s:  # another distributed job may hold accelerate's default port 29500
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
