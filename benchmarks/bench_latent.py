@@ -16,7 +16,7 @@ Variants (greedy; the answer length is forced with `min_new_tokens = max_new_tok
 * `CoT`            Vedas `generate`, T = 0, `--cot-tokens` (100) answer tokens.
 * `ideal latent`   the plain base model (not Vedas) in a hand-written loop: prefill (vision tower included),
                    4 chunks of K + 1 = 33 embeddings on its warm `DynamicCache`, then 4 one-token decode forwards.
-                   This is the least work a latent step can cost (shared/notes/latency-limit.md).
+                   This is the least work a latent step can cost.
 * `ideal No-CoT`   the same loop without the chunks (prefill + 4 decode forwards): the bare cost of No-CoT.
 * `base generate`  the plain base model's own `generate`, 4 tokens (HF generation-loop overhead, for context).
 
