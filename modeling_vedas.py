@@ -122,11 +122,13 @@ class VedasMixin:
             return 0
         return 1 if self.config.replay_mode == "soft_mix" else num_replay_tokens
 
-    def _routing_state(self, token_valid, prompt_mask, key_valid=None, record_scores=False) -> VedasForwardState:
+    def _routing_state(self, token_valid, prompt_mask, key_valid=None, record_scores=False,
+                       prompt_lengths=None) -> VedasForwardState:
+        """`prompt_lengths` defaults to the prompt tokens of this forward (pass the whole prompt's when chunking)."""
         return VedasForwardState(
             token_valid=token_valid,
             prompt_mask=prompt_mask,
-            prompt_lengths=(prompt_mask & token_valid).sum(-1),
+            prompt_lengths=(prompt_mask & token_valid).sum(-1) if prompt_lengths is None else prompt_lengths,
             key_valid=key_valid,
             rotary_emb=self.model.language_model.rotary_emb,
             routing_mode=self.config.routing,
@@ -438,6 +440,7 @@ class VedasMixin:
         cached = use_cache is not False and not checkpointing and cfg.routing == "causal"
         cache = (past_key_values or VedasCache(config=cfg.text_config)) if cached else None
         prompt_mask = self._prompt_mask(input_ids, None, mask.bool())
+        prompt_lengths = prompt_mask.sum(-1)
         compute_recon = (
             self.training and crop_images is not None and cfg.recon_weight > 0 and replay_on and layout.num_steps > 0
         )
@@ -452,9 +455,8 @@ class VedasMixin:
             capture = replay_on and step < layout.num_steps
             state = self._routing_state(
                 mask[:, chunk].bool(), prompt_mask[:, chunk], key_valid=mask[:, :end].bool(),
-                record_scores=output_latent_trace,
+                record_scores=output_latent_trace, prompt_lengths=prompt_lengths,
             )
-            state.prompt_lengths = prompt_mask.sum(-1)
             if capture:
                 state.saliency_columns, state.saliency_valid = vis_columns, vis_valid
             hidden = self.model.language_model(

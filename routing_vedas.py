@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer
-from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer, rotate_half
 
 
 class VedasCache(DynamicCache):
@@ -194,9 +194,8 @@ class VedasDecoderLayerMixin:
         else:  # no cache (e.g. under gradient checkpointing): the keys of this forward are all the keys
             keys = attn.k_proj(self.input_layernorm(hidden_states))
             keys = keys.view(bsz, keys.shape[1], -1, attn.head_dim).transpose(1, 2)
-            cos_all, sin_all = position_embeddings
-            _, keys = _apply_rotary(keys, keys, cos_all, sin_all)
-        query, _ = _apply_rotary(query, query, cos, sin)
+            keys = _rotate(keys, *position_embeddings)
+        query = _rotate(query, cos, sin)
         keys = keys.repeat_interleave(attn.num_key_value_groups, dim=1)
         logits = (query.float() @ keys.float().transpose(-1, -2)).squeeze(2) * attn.scaling  # (b, heads, n)
         logits = logits.masked_fill(~state.key_valid[:, None, : logits.shape[-1]], float("-inf"))
@@ -206,13 +205,11 @@ class VedasDecoderLayerMixin:
         state.saliency_layers += 1
 
     # ----------------------------------------------------------------- routing
-    def _alpha(self, state: VedasForwardState, reference_count: torch.Tensor) -> torch.Tensor:
+    def _alpha(self, state: VedasForwardState) -> torch.Tensor:
         """α per sample: a count, or a fraction of the prompt length (at least one token)."""
         if isinstance(self.routing_topk, float):
-            alpha = torch.ceil(self.routing_topk * state.prompt_lengths.float()).long().clamp(min=1)
-        else:
-            alpha = torch.full_like(reference_count, int(self.routing_topk))
-        return alpha
+            return torch.ceil(self.routing_topk * state.prompt_lengths.float()).long().clamp(min=1)
+        return torch.full_like(state.prompt_lengths, int(self.routing_topk))
 
     def _route(self, hidden_states, depth, position_embeddings, past_key_values, state: VedasForwardState):
         key = (self.layer_idx, depth)
@@ -220,13 +217,13 @@ class VedasDecoderLayerMixin:
         scores = torch.sigmoid(self.depth_router(hidden_states).float()).squeeze(-1)  # (b, l), fp32
         valid = state.token_valid
         if state.routing_mode == "global":
-            selected, threshold = _top_alpha(scores, valid, self._alpha(state, valid.sum(-1)))
+            selected, threshold = _top_alpha(scores, valid, self._alpha(state))
         elif cache is not None and key in cache.routing_thresholds:
             threshold = cache.routing_thresholds[key]
             selected = valid & (scores >= threshold[:, None])
         else:  # the prompt's top-α is selected and sets the threshold that every later token must reach
             prompt = state.prompt_mask & valid
-            top, threshold = _top_alpha(scores, prompt, self._alpha(state, prompt.sum(-1)))
+            top, threshold = _top_alpha(scores, prompt, self._alpha(state))
             selected = torch.where(prompt, top, valid & (scores >= threshold[:, None]))
             if cache is not None:
                 cache.routing_thresholds[key] = threshold
@@ -281,15 +278,11 @@ class VedasDecoderLayerMixin:
         return hidden_states.scatter_add(1, index.expand_as(delta), delta)
 
 
-def _apply_rotary(q, k, cos, sin):
-    """Standard rotate-half rotary embedding; cos/sin are (batch, seq, head_dim)."""
+def _rotate(x, cos, sin):
+    """The backbone's rotary embedding on one tensor (its `apply_rotary_pos_emb` rotates q and k together);
+    cos/sin are (batch, seq, head_dim)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-
-    def rotate_half(x):
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((-x2, x1), dim=-1)
-
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    return x * cos + rotate_half(x) * sin
 
 
 class DepthStepEmbedding(nn.Module):
