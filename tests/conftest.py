@@ -1,15 +1,38 @@
 """Shared fixtures: tiny base checkpoints built offline and their Vedas conversions, plus multimodal inputs."""
 
 import os
+import sys
+from pathlib import Path
 
+# The suite runs offline (docs/security.md). The variables are set before anything imports huggingface_hub,
+# transformers or datasets, which read them at import time, and child processes inherit them.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The socket guard: offline_site/ holds offline_guard.py and a sitecustomize.py that installs it. Prepending the
+# folder to PYTHONPATH makes every child Python process of the session (examples/*.py, accelerate/torchrun workers)
+# install it at start-up; pytest_configure installs it here, before collection.
+OFFLINE_SITE = str(Path(__file__).resolve().parent / "offline_site")
+if OFFLINE_SITE not in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (OFFLINE_SITE, os.environ.get("PYTHONPATH")) if p)
+sys.path.insert(0, OFFLINE_SITE)
+import offline_guard  # noqa: E402
 
 import pytest
 
 from vedas_trainer.checkpoint import convert_base, load_vedas  # noqa: F401 (re-exported for the tests)
 from vedas_trainer.testing import make_inputs, perturb_vedas, quadrant_image  # noqa: F401 (for the tests)
 from vedas_trainer.tiny_base import build_tiny_base
+
+
+def pytest_configure(config):
+    offline_guard.install()
+
+
+def pytest_unconfigure(config):
+    offline_guard.uninstall()
 
 
 BACKBONES = ("qwen2_vl", "qwen2_5_vl")
