@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import json
 import logging
 import math
 import numbers
@@ -37,6 +38,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import datasets
 import numpy as np
+import pyarrow as pa
+from datasets.exceptions import DatasetGenerationError
 from PIL import ExifTags, Image, ImageOps
 
 __all__ = [
@@ -82,7 +85,7 @@ _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 class DataError(ValueError):
-    """A dataset row that cannot be turned into a sample.
+    """A dataset row that cannot be turned into a sample, or a data file whose rows cannot be read.
 
     ``str(err)`` reads ``row 12 (id 'q-12'), field 'image': image file not found: '/data/x.png'``;
     the parts are also available as ``err.row`` (the row index in the source), ``err.sample_id``,
@@ -166,17 +169,32 @@ def merge_steps(steps: Sequence[str], max_steps: int) -> list[str]:
         return length * length
 
     # best[k][j]: minimal cost of splitting steps[:j] into k chunks; cut[k][j]: start of the last chunk.
+    # The cost is a convex function of a chunk's length, so it satisfies the quadrangle inequality and the
+    # leftmost optimal cut never moves left as j grows. Divide and conquer over j uses that to search each
+    # cut in a shrinking range: O(max_steps * n log n) instead of O(max_steps * n^2), which matters for
+    # rationales split into thousands of lines (a naive pass over 20k steps takes minutes). Taking the
+    # leftmost minimum keeps the tie-breaking of the plain dynamic programme.
     inf = float("inf")
     best = [[inf] * (n + 1) for _ in range(max_steps + 1)]
     cut = [[0] * (n + 1) for _ in range(max_steps + 1)]
     best[0][0] = 0
     for k in range(1, max_steps + 1):
+        previous, current, cuts = best[k - 1], best[k], cut[k]
         # Each of the k chunks needs one step and each of the remaining max_steps - k chunks too.
-        for j in range(k, n - (max_steps - k) + 1):
-            for i in range(k - 1, j):
-                candidate = best[k - 1][i] + cost(i, j)
-                if candidate < best[k][j]:
-                    best[k][j], cut[k][j] = candidate, i
+        pending = [(k, n - (max_steps - k), k - 1, n - 1)]
+        while pending:
+            low, high, first, last = pending.pop()
+            if low > high:
+                continue
+            j = (low + high) // 2
+            best_cost, best_cut = inf, first
+            for i in range(first, min(last, j - 1) + 1):
+                candidate = previous[i] + cost(i, j)
+                if candidate < best_cost:
+                    best_cost, best_cut = candidate, i
+            current[j], cuts[j] = best_cost, best_cut
+            pending.append((low, j - 1, first, best_cut))
+            pending.append((j + 1, high, best_cut, last))
 
     chunks, end = [], n
     for k in range(max_steps, 0, -1):
@@ -249,7 +267,11 @@ def _high_bit_depth_to_rgb(image: Image.Image) -> Image.Image:
     # Pillow's convert("RGB") clips I;16/I/F values at 255, turning a 16-bit scan almost white;
     # rescale to 8 bits instead.
     array = np.asarray(image, dtype=np.float64)
-    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    # Float TIFFs can hold NaN or inf; one such pixel would make the range below infinite and turn the
+    # whole picture black (or NaN, which the uint8 cast maps to garbage). Those pixels become black.
+    finite = np.isfinite(array)
+    array = np.where(finite, array, 0.0)
+    low, high = (float(array[finite].min()), float(array[finite].max())) if finite.any() else (0.0, 0.0)
     if image.mode.startswith("I;16"):
         array = array / 257.0  # 65535 -> 255
     elif image.mode == "I" and (low < 0 or high > 255):
@@ -307,9 +329,12 @@ def _decode(image: Image.Image, min_pixels: int, max_pixels: int, *, owned: bool
     return image
 
 
-# Pillow signals unreadable data with a zoo of exception types.
+# Pillow signals unreadable data with a zoo of exception types. IndexError and KeyError come from plugins
+# that index into a short read (a truncated animated GIF fails in `is_animated`), MemoryError from headers
+# that ask for an absurd buffer: all of them mean "this file is broken", not a bug here.
 _DECODE_ERRORS = (
-    OSError, SyntaxError, ValueError, EOFError, TypeError, struct.error, zlib.error, Image.DecompressionBombError
+    OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, KeyError, ZeroDivisionError, MemoryError,
+    struct.error, zlib.error, Image.DecompressionBombError,
 )
 
 
@@ -402,13 +427,20 @@ class _RowReader:
     """Typed access to the fields of one raw row; every failure is a DataError naming row, id, field."""
 
     def __init__(self, row: Mapping[str, Any], index: int | None, id_fields: Sequence[str], image_loader: ImageLoader):
+        if not isinstance(row, Mapping):
+            raise DataError(f"expected a row mapping field names to values, got {type(row).__name__}", row=index)
         self.row, self.index, self.image_loader = row, index, image_loader
         self.sample_id = None
         for name in id_fields:
             value = row.get(name)
-            if value is not None and str(value) != "":
-                self.sample_id = str(value)
-                break
+            if value is None or value == "":
+                continue
+            # The id seeds the curriculum's per-sample draws and names the sample in every error, so it has
+            # to be a stable scalar; str() of a dict or a float would "work" and hide a broken column.
+            if isinstance(value, bool) or not isinstance(value, (str, numbers.Integral)):
+                raise self.error(name, f"expected a string or integer id, got {type(value).__name__} {value!r}")
+            self.sample_id = self._unicode(name, str(value))
+            break
         else:
             if index is None:
                 raise self.error(id_fields[0], "missing required field (and no row index to fall back on)")
@@ -416,6 +448,17 @@ class _RowReader:
 
     def error(self, field: str, reason: str) -> DataError:
         return DataError(reason, row=self.index, sample_id=self.sample_id, field=field)
+
+    def _unicode(self, field: str, value: str) -> str:
+        # Python strings may hold unpaired UTF-16 surrogates (json.loads accepts "\\udcff"); tokenizers
+        # and Arrow refuse them much later, with errors that name neither the row nor the field.
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise self.error(
+                field, f"not valid Unicode: unpaired surrogate {value[err.start]!r} at character {err.start}"
+            ) from None
+        return value
 
     def has(self, field: str) -> bool:
         return self.row.get(field) is not None
@@ -432,7 +475,7 @@ class _RowReader:
             raise self.error(field, f"expected a string, got {type(value).__name__} {value!r}")
         if not value.strip():
             raise self.error(field, "empty string")
-        return value.strip()
+        return self._unicode(field, value.strip())
 
     def optional_text(self, field: str) -> str:
         value = self.row.get(field)
@@ -440,7 +483,7 @@ class _RowReader:
             return ""
         if not isinstance(value, str):
             raise self.error(field, f"expected a string, got {type(value).__name__} {value!r}")
-        return value.strip()
+        return self._unicode(field, value.strip())
 
     def choices(self, field: str = "choices", *, required: bool = True) -> list[str] | None:
         value = self.row.get(field)
@@ -456,7 +499,7 @@ class _RowReader:
         for i, choice in enumerate(value):
             if not isinstance(choice, str) or not choice.strip():
                 raise self.error(field, f"option {i} must be a non-empty string, got {choice!r}")
-            choices.append(choice.strip())
+            choices.append(self._unicode(field, choice.strip()))
         return choices
 
     def letter_answer(self, choices: list[str], field: str = "answer", *, allow_text: bool = False) -> str:
@@ -483,12 +526,13 @@ class _RowReader:
             for i, step in enumerate(value):
                 if not isinstance(step, str):
                     raise self.error(field, f"step {i} must be a string, got {type(step).__name__}")
+                self._unicode(field, step)
             steps = [step.strip() for step in value if step.strip()]
         elif text_field is not None and self.has(text_field):
             value, field = self.row[text_field], text_field
             if not isinstance(value, str):
                 raise self.error(field, f"expected a string, got {type(value).__name__}")
-            steps = split_steps(value)
+            steps = split_steps(self._unicode(field, value))
         else:
             fields = " or ".join(repr(f) for f in (list_field, text_field) if f is not None)
             raise self.error(text_field or list_field, f"missing required field ({fields})")
@@ -667,8 +711,7 @@ def _load_raw(source, split: str, load_dataset_kwargs: dict) -> tuple[datasets.D
             raise ValueError(
                 f"unsupported file type {path.suffix!r} for {str(path)!r}; expected one of {sorted(_LOCAL_BUILDERS)}"
             )
-        raw = datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **load_dataset_kwargs)
-        return raw, path.parent
+        return _load_file(builder, path, split, load_dataset_kwargs), path.parent
     if builder is not None:
         raise FileNotFoundError(f"no data file at {str(path)!r}")
     if path.is_dir():
@@ -676,6 +719,122 @@ def _load_raw(source, split: str, load_dataset_kwargs: dict) -> tuple[datasets.D
         return datasets.load_dataset(str(path), split=split, **load_dataset_kwargs), path
     # Anything else is a Hub dataset name ("derek-thomas/ScienceQA", "LightChen2333/M3CoT", ...).
     return datasets.load_dataset(str(source), split=split, **load_dataset_kwargs), None
+
+
+def _load_file(builder: str, path: Path, split: str, load_dataset_kwargs: dict) -> datasets.Dataset:
+    if path.stat().st_size == 0:
+        raise DataError(f"cannot read {str(path)!r}: the file is empty")
+    try:
+        return datasets.load_dataset(builder, data_files={split: str(path)}, split=split, **load_dataset_kwargs)
+    except (DatasetGenerationError, pa.ArrowException, UnicodeError, StopIteration, ValueError) as err:
+        # datasets reports a parse error without the file, and pyarrow's "in row 1" counts from the start of
+        # a block, not of the file. Parsing failed, so finding the line again costs nothing on the happy path.
+        cause = err.__cause__ if isinstance(err, DatasetGenerationError) and err.__cause__ is not None else err
+        found = None
+        if builder == "json" and "field" not in load_dataset_kwargs:
+            found = _find_unreadable_json_row(path)
+        if found is not None:
+            row, field, reason = found
+            # not skippable with skip_bad_rows: until the file parses, there are no rows to check or drop
+            raise DataError(
+                f"cannot read {str(path)!r}: {reason} (a file that does not parse cannot skip rows: fix or remove it)",
+                row=row, field=field,
+            ) from err
+        raise DataError(f"cannot read {str(path)!r} as {builder}: {type(cause).__name__}: {cause}") from err
+
+
+_JSON_TYPE_NAMES = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean"}
+
+
+def _json_row_problem(value) -> tuple[str | None, str] | None:
+    """(field, reason) when a parsed JSON row cannot become a dataset row, else None."""
+    if not isinstance(value, dict):
+        return None, f"a JSON {_JSON_TYPE_NAMES.get(type(value), 'null')} where a row object is expected"
+    for key, item in value.items():
+        try:
+            json.dumps(item, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            # JSON may escape lone UTF-16 surrogates ("\udcff"); they are not Unicode text and Arrow refuses them
+            return key, "not valid Unicode: a string holds an unpaired surrogate escape (such as \\udcff)"
+    return None
+
+
+def _find_unreadable_json_row(path: Path) -> tuple[int | None, str | None, str] | None:
+    """(row, field, reason) of the first row of a JSON Lines file, or of a JSON array file, that cannot be
+    parsed; None when every row parses (then the problem lies elsewhere and the caller reports it as is).
+    The file is streamed line by line, so a broken multi-gigabyte JSONL file is not read into memory."""
+    with open(path, "rb") as file:
+        head = file.read(64).removeprefix(b"\xef\xbb\xbf").lstrip()
+    if head.startswith(b"["):
+        data = path.read_bytes().removeprefix(b"\xef\xbb\xbf")
+        try:
+            rows = json.loads(data.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            line = data.count(b"\n", 0, err.start) + 1
+            return None, None, f"line {line}: not valid UTF-8 (byte 0x{data[err.start]:02x})"
+        except json.JSONDecodeError as err:
+            return None, None, f"line {err.lineno}: not valid JSON: {err.msg} at column {err.colno}"
+        if not isinstance(rows, list):
+            return None
+        for row, value in enumerate(rows):
+            problem = _json_row_problem(value)
+            if problem is not None:
+                return row, problem[0], f"array element {row}: {problem[1]}"
+        return None
+    row = 0
+    with open(path, "rb") as file:
+        for line_number, line in enumerate(file, 1):
+            if line_number == 1:
+                line = line.removeprefix(b"\xef\xbb\xbf")
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                byte, column = line[err.start], err.start + 1
+                return row, None, f"line {line_number}: not valid UTF-8 (byte 0x{byte:02x} at column {column})"
+            except json.JSONDecodeError as err:
+                return row, None, f"line {line_number}: not valid JSON: {err.msg} at column {err.colno}"
+            problem = _json_row_problem(value)
+            if problem is not None:
+                return row, problem[0], f"line {line_number}: {problem[1]}"
+            row += 1
+    if row == 0:
+        return None, None, "no rows (the file holds only blank lines)"
+    return None
+
+
+def _rows(raw: datasets.Dataset, batch_size: int = 256):
+    """Yield (position, row dict) for every raw row. Arrow does not check that string columns hold UTF-8
+    (a Latin-1 byte in a JSONL file loads fine), so decoding can fail on access; such a row is yielded as
+    (position, DataError naming its source row and column) instead of aborting the whole pass."""
+    for start in range(0, len(raw), batch_size):
+        stop = min(start + batch_size, len(raw))
+        try:
+            batch = raw[start:stop]
+        except UnicodeDecodeError:
+            for position in range(start, stop):
+                try:
+                    yield position, raw[position]
+                except UnicodeDecodeError as err:
+                    yield position, _undecodable_row(raw, position, err)
+            continue
+        for i in range(stop - start):
+            yield start + i, {name: values[i] for name, values in batch.items()}
+
+
+def _undecodable_row(raw: datasets.Dataset, position: int, err: UnicodeDecodeError) -> DataError:
+    table = raw.with_format("arrow")[position]  # the row as Arrow data, nothing decoded yet
+    field = None
+    for name in table.column_names:
+        try:
+            table.column(name).to_pylist()
+        except UnicodeDecodeError:
+            field = name
+            break
+    row = table.column(ROW_INDEX_COLUMN)[0].as_py() if ROW_INDEX_COLUMN in table.column_names else position
+    byte = err.object[err.start]
+    return DataError(f"not valid UTF-8 (byte 0x{byte:02x} at byte {err.start} of the value)", row=row, field=field)
 
 
 def _without_decoding(feature):
@@ -779,7 +938,10 @@ def load_vedas_dataset(
         is a plain attribute, so datasets derived with ``select``/``shuffle``/... do not carry it.
 
     Raises:
-        DataError: the first bad row, unless ``skip_bad_rows``.
+        DataError: the first bad row, unless ``skip_bad_rows``; or a local file that does not parse (empty,
+            not JSON, a line that is not an object), naming its first unreadable line. A string that is not
+            valid UTF-8 makes only its own row bad (Arrow stores such bytes unchecked; validation finds them,
+            with ``validate=False`` pyarrow's UnicodeDecodeError surfaces when the row is read).
         ValueError: unknown ``format``, or pixel bounds that cannot be met.
     """
     if format not in ADAPTERS:
@@ -800,9 +962,11 @@ def load_vedas_dataset(
     if validate or skip_bad_rows:
         loader = _ValidationImageLoader(image_root, min_pixels, max_pixels)
         good = []
-        for position, row in enumerate(raw):
-            index = row.pop(ROW_INDEX_COLUMN)
+        for position, row in _rows(raw):
             try:
+                if isinstance(row, DataError):
+                    raise row
+                index = row.pop(ROW_INDEX_COLUMN)
                 adapter(row, index, image_root=image_root, min_pixels=min_pixels, max_pixels=max_pixels,
                         image_loader=loader)
             except DataError as err:
