@@ -19,6 +19,7 @@ targets are right-padded. Steps are merged to ``max_latent_stage`` chunks with :
 from __future__ import annotations
 
 import logging
+import numbers
 import random
 from typing import Any, Mapping, Sequence
 
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import merge_steps
+from .data import MAX_PIXELS, MIN_PIXELS, DataError, load_image, merge_steps
 from .prompting import build_prompt, format_answer, format_cot
 
 __all__ = ["VedasCollator", "MODES"]
@@ -37,9 +38,34 @@ MODES = ("latent", "cot", "nocot")
 END_OF_TURN_TOKEN = "<|im_end|>"
 
 
+_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
 def _sample_id(sample: Mapping[str, Any], position: int) -> str:
-    sample_id = sample.get("id")
+    sample_id = sample.get("id") if isinstance(sample, Mapping) else None
     return str(sample_id) if sample_id is not None else f"<batch position {position}>"
+
+
+def _size_field(size, name: str):
+    # image_processor.size is a dict in saved configs and a SizeDict object once loaded
+    return size.get(name) if isinstance(size, Mapping) else getattr(size, name, None)
+
+
+def _pixel_bounds(processor) -> tuple[int, int]:
+    """(min_pixels, max_pixels) the collator normalises images to before the processor sees them.
+
+    The lower bound is the processor's own minimum, so tiny images are upsampled once and the crops the model
+    takes for self-distillation come from the same picture the vision tower sees. The upper bound is never
+    below the data loader's MAX_PIXELS: images from `load_vedas_dataset` pass unchanged (crops keep their full
+    resolution), while a huge image handed in directly is shrunk instead of becoming a multi-hundred-MB
+    `crop_images` tensor.
+    """
+    image_processor = getattr(processor, "image_processor", None)
+    size = getattr(image_processor, "size", None) or {}
+    low = getattr(image_processor, "min_pixels", None) or _size_field(size, "shortest_edge") or MIN_PIXELS
+    high = getattr(image_processor, "max_pixels", None) or _size_field(size, "longest_edge") or MAX_PIXELS
+    low = int(low)
+    return low, max(int(high), MAX_PIXELS, low)
 
 
 def _as_uint8_chw(image: Image.Image) -> torch.Tensor:
@@ -115,6 +141,13 @@ class VedasCollator:
             end_of_turn = self.tokenizer.eos_token_id
         self.end_of_turn_id = end_of_turn
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else end_of_turn
+        self.min_pixels, self.max_pixels = _pixel_bounds(processor)
+        # Special-token strings inside sample text would be tokenised as control tokens: a "<|latent|>" in a
+        # rationale becomes a latent slot, an "<|image_pad|>" in a question breaks the image placeholder count.
+        self._control_strings = sorted(
+            {token.content for token in getattr(self.tokenizer, "added_tokens_decoder", {}).values() if token.special}
+            | set(getattr(self.tokenizer, "all_special_tokens", []))
+        )
         # [stage, epoch] in shared memory, so that DataLoader workers (forked or spawned, persistent or not) read
         # what the main process set before the epoch's iterator started
         self._state = torch.zeros(2, dtype=torch.long)
@@ -164,31 +197,123 @@ class VedasCollator:
         return self.stage
 
     # ------------------------------------------------------------------ one sample
-    def _images(self, sample) -> list[Image.Image]:
+    def _checked_text(self, value, sample_id, field, *, allow_empty=False) -> str:
+        if value is None:
+            raise DataError("missing required field", sample_id=sample_id, field=field)
+        if not isinstance(value, str):
+            raise DataError(
+                f"expected a string, got {type(value).__name__} {value!r:.80}", sample_id=sample_id, field=field
+            )
+        if not allow_empty and not value.strip():
+            raise DataError("empty string", sample_id=sample_id, field=field)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:  # lone surrogates: the tokenizer would fail without naming the sample
+            raise DataError(
+                f"not valid Unicode: unpaired surrogate {value[err.start]!r} at character {err.start}",
+                sample_id=sample_id, field=field,
+            ) from None
+        for token in self._control_strings:
+            if token in value:
+                raise DataError(
+                    f"contains the special token {token!r}, which the tokenizer would read as a control token",
+                    sample_id=sample_id, field=field,
+                )
+        return value
+
+    def _checked_sample(self, sample, position: int) -> dict[str, Any]:
+        """A validated copy of one sample with its images normalised; DataError naming the sample and field.
+
+        Samples from `load_vedas_dataset` already pass these checks; the collator repeats them because it also
+        takes hand-made samples (evaluation sets, the synthetic task, user code), where a wrong type would
+        otherwise fail deep inside the tokenizer or image processor, or, worse, train on something silently
+        wrong (a steps string split into characters, an answer of None rendered as "None").
+        """
+        if not isinstance(sample, Mapping):
+            raise DataError(
+                f"expected a sample dict, got {type(sample).__name__}", sample_id=f"<batch position {position}>"
+            )
+        sample_id = _sample_id(sample, position)
+        question = self._checked_text(sample.get("question"), sample_id, "question")
+
+        choices = sample.get("choices")
+        if choices is not None:
+            if not isinstance(choices, (list, tuple)):
+                raise DataError(f"expected a list of option texts or None, got {type(choices).__name__}",
+                                sample_id=sample_id, field="choices")
+            if len(choices) > len(_LETTERS):
+                raise DataError(f"at most {len(_LETTERS)} options can be lettered, got {len(choices)}",
+                                sample_id=sample_id, field="choices")
+            choices = [self._checked_text(choice, sample_id, f"choices[{i}]") for i, choice in enumerate(choices)]
+            choices = choices or None  # an empty list means "no options", as in build_messages
+
+        answer = sample.get("answer")
+        if isinstance(answer, numbers.Integral) and not isinstance(answer, bool):
+            answer = str(answer)  # short numeric answers ("3") may arrive as ints
+        answer = self._checked_text(answer, sample_id, "answer").strip()
+        if choices is not None and (len(answer) != 1 or answer not in _LETTERS[: len(choices)]):
+            last = _LETTERS[len(choices) - 1]
+            raise DataError(
+                f"with {len(choices)} options the answer must be a letter A-{last}, got {answer!r:.80}",
+                sample_id=sample_id, field="answer",
+            )
+
+        steps = []
+        if self.mode != "nocot":  # the No-CoT baseline never reads the steps
+            steps = sample.get("steps")
+            # a str is iterable: list("abc") would silently train three one-character steps
+            if not isinstance(steps, (list, tuple)):
+                raise DataError(f"expected a list of step strings, got {type(steps).__name__}",
+                                sample_id=sample_id, field="steps")
+            steps = [
+                self._checked_text(step, sample_id, f"steps[{i}]", allow_empty=True)
+                for i, step in enumerate(steps)
+            ]
+            steps = [step for step in steps if step.strip()]  # blank steps would become empty latent chunks
+            if not steps:
+                raise DataError(
+                    f"empty steps list: mode {self.mode!r} needs at least one reasoning step (fix or drop the row, "
+                    f"or train the No-CoT baseline with mode='nocot')",
+                    sample_id=sample_id, field="steps",
+                )
+
         images = sample.get("images")
         if images is None:
-            return []
-        if isinstance(images, Image.Image):
-            return [images]
-        return list(images)
+            images = []
+        elif isinstance(images, Image.Image):
+            images = [images]
+        elif not isinstance(images, (list, tuple)):
+            raise DataError(f"expected a list of PIL images, got {type(images).__name__}",
+                            sample_id=sample_id, field="images")
+        normalised = []
+        for i, image in enumerate(images):
+            if not isinstance(image, Image.Image):
+                raise DataError(
+                    f"expected a PIL image, got {type(image).__name__} {image!r:.80} (decode paths and bytes with "
+                    f"vedas_trainer.data.load_image or load the data with load_vedas_dataset)",
+                    sample_id=sample_id, field=f"images[{i}]",
+                )
+            try:  # RGB, first frame, sides >= 28 px, aspect <= 200: what the processor needs; a no-op otherwise
+                normalised.append(load_image(image, field=f"images[{i}]", min_pixels=self.min_pixels,
+                                             max_pixels=self.max_pixels))
+            except DataError as err:
+                err.sample_id = sample_id
+                raise
+        return {"id": sample.get("id"), "question": question, "choices": choices, "answer": answer,
+                "steps": steps, "images": normalised}
 
     def _target_text(self, sample, sample_id: str, stage: int) -> tuple[str, int]:
         """The supervised text after the prompt (or after `<|end_latent|>`) and T_row."""
         if self.mode == "nocot":
             return format_answer(sample["answer"]), 0
-        steps = merge_steps(list(sample.get("steps") or []), self.max_latent_stage)
-        if not steps:
-            raise ValueError(
-                f"Sample {sample_id!r} has an empty steps list: mode {self.mode!r} needs at least one reasoning "
-                f"step (fix or drop the row, or train the No-CoT baseline with mode='nocot')."
-            )
+        steps = merge_steps(sample["steps"], self.max_latent_stage)
         replaced, slots = self.num_latent_slots(stage, len(steps))
         return format_cot(steps[replaced:], sample["answer"]), slots
 
     def _encode_prompts(self, samples) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         """All prompts of the batch in ONE processor call (images are preprocessed together, which is much faster
         than one call per sample); returns per-row prompt ids/types and the batch's image tensors."""
-        images = [self._images(sample) for sample in samples]
+        images = [sample["images"] for sample in samples]
         prompts = [
             build_prompt(self.processor, sample["question"], sample.get("choices"), num_images=len(sample_images))
             for sample, sample_images in zip(samples, images)
@@ -249,6 +374,7 @@ class VedasCollator:
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         if not samples:
             raise ValueError("VedasCollator got an empty batch.")
+        samples = [self._checked_sample(sample, position) for position, sample in enumerate(samples)]
         prompts, images = self._encode_prompts(samples)
         rows = [self._encode(sample, position, row) for position, (sample, row) in enumerate(zip(samples, prompts))]
         prompt_width = max(len(row["prompt_ids"]) for row in rows)
