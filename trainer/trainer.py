@@ -8,6 +8,10 @@
   checkpoint (mid-epoch included) continues at the stage it was killed in.
 * LoRA: :func:`lora_config_for` targets the language model only and keeps the new Vedas modules and the latent
   special-token embedding rows trainable.
+* Checkpoints are atomic: a `checkpoint-N` folder appears complete or not at all, so a run killed mid-save resumes
+  from the previous checkpoint (`get_last_checkpoint`) instead of a half-written one.
+* A NaN or inf in the loss stops training with a :class:`NonFiniteLossError` naming the step and the component
+  (CE, recon, router), before any checkpoint is written from the weights it corrupted.
 """
 
 from __future__ import annotations
@@ -15,18 +19,24 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 from peft import LoraConfig
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from .collator import VedasCollator
 
 __all__ = [
+    "CHECKPOINT_STAGING_DIR",
     "CurriculumCallback",
+    "NonFiniteLossError",
     "VEDAS_MODULES",
     "VedasTrainer",
     "VedasTrainingArguments",
@@ -40,6 +50,31 @@ VEDAS_MODULES = ("depth_router", "depth_step_embed", "token_sr")
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # tolerance when turning the float `state.epoch` into an epoch index (it is `epoch + step / steps_in_epoch`)
 _EPOCH_EPS = 1e-9
+# Trainer checkpoints are written to `<output_dir>/_tmp-checkpoints/checkpoint-N` and renamed to
+# `<output_dir>/checkpoint-N` once complete. The leading underscore keeps it out of `push_to_hub` uploads of the
+# output folder (ignore pattern "_*"), and neither `get_last_checkpoint` nor checkpoint rotation looks inside it.
+CHECKPOINT_STAGING_DIR = "_tmp-checkpoints"
+# the loss components the non-finite guard watches, in the order of its device-side buffers
+_GUARDED = ("ce_loss", "recon_loss", "router", "loss")
+_GUARDED_LABELS = {
+    "ce_loss": "CE (ce_loss)",
+    "recon_loss": "recon (recon_loss)",
+    "router": "router (router/* scores, thresholds or counts)",
+    "loss": "total (loss)",
+}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training stopped because a loss component became NaN or infinite.
+
+    `step` is the first global step (1-based, as in the logs and checkpoint names) whose batch gave a non-finite
+    value, `components` maps each offending component (`ce_loss`, `recon_loss`, `router`, `loss`) to that value.
+    """
+
+    def __init__(self, message: str, step: int, components: dict[str, float]):
+        super().__init__(message)
+        self.step = step
+        self.components = components
 
 
 @dataclass
@@ -176,11 +211,18 @@ class VedasTrainer(Trainer):
 
     When `args` is a `VedasTrainingArguments` and the data collator a `VedasCollator`, a `CurriculumCallback` is
     added unless one is already given, and the collator's processor is the default `processing_class` (saved with
-    every checkpoint). Trainer checkpoints store the weights under their module names (see `_save`).
+    every checkpoint). Trainer checkpoints store the weights under their module names (see `_save`) and are written
+    atomically (see `_save_checkpoint`).
+
+    A non-finite `ce_loss`, `recon_loss`, router statistic or total loss raises :class:`NonFiniteLossError` at the
+    next log, checkpoint save or the end of training, whichever comes first, naming the step it happened at; no
+    checkpoint is written after that step (see `_track_non_finite`).
     """
 
     # Vedas' loss is a mean per batch: let the Trainer divide it by the gradient accumulation steps
     loss_is_scaled_for_ga = False
+    # while `_save_checkpoint` runs: the folder the Trainer's checkpoint writes are redirected to
+    _staging_run_dir: str | None = None
 
     def __init__(self, *args, **kwargs):
         collator = kwargs.get("data_collator")
@@ -208,6 +250,9 @@ class VedasTrainer(Trainer):
             )
         self._metric_sums: dict[str, torch.Tensor] = {}
         self._metric_counts: dict[str, int] = {}
+        self._nonfinite_step: torch.Tensor | None = None
+        self._nonfinite_value: torch.Tensor | None = None
+        self._push_pending = False
 
     # ------------------------------------------------------------------ loss and metrics
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -217,6 +262,7 @@ class VedasTrainer(Trainer):
             raise ValueError("The model returned no loss: the batch needs labels (build it with VedasCollator).")
         if model.training:  # evaluation batches must not leak into the training logs
             self._accumulate_metrics(outputs)
+            self._track_non_finite(outputs, loss)
         if return_outputs:
             # prediction_step treats every other output as logits; keep tensors it can concatenate
             return loss, {"loss": loss, "logits": outputs["logits"]}
@@ -252,8 +298,84 @@ class VedasTrainer(Trainer):
         self._metric_sums, self._metric_counts = {}, {}
         return {name: s / c for name, s, c in zip(names, totals[0], totals[1]) if c > 0}
 
+    # ------------------------------------------------------------------ non-finite loss guard
+    def _reset_non_finite(self) -> None:
+        self._nonfinite_step = torch.full((len(_GUARDED),), -1, dtype=torch.long, device=self.args.device)
+        self._nonfinite_value = torch.zeros(len(_GUARDED), dtype=torch.float32, device=self.args.device)
+
+    def _track_non_finite(self, outputs, loss) -> None:
+        """Remembers, per component, the first step whose loss was NaN or inf, and the value.
+
+        This runs at every training step, so it stays on the device: `isfinite` and `where` are queued behind the
+        loss like any other kernel and nothing here waits for the device. The host reads the result only where the
+        Trainer synchronises anyway: at a log, before a checkpoint save and at the end of training
+        (`_raise_if_non_finite`). An `.item()` per step would stop at the very step but add a device stall to every
+        step of every healthy run (the Trainer's `logging_nan_inf_filter`, on by default, does read the total loss
+        every step, only to replace a non-finite one by the running mean, which hides it from the logs). The price
+        of waiting: the steps up to the next log or save still run on the corrupted weights, which costs compute but
+        writes nothing, since the check comes before any checkpoint is written.
+        """
+        if self._nonfinite_step is None:
+            self._reset_non_finite()
+        device = self._nonfinite_value.device
+        router = [value for stats in (outputs.get("router_stats") or {}).values() for value in stats.values()]
+        zero = torch.zeros((), dtype=torch.float32, device=device)
+        current = torch.stack([
+            outputs.get("ce_loss").detach().float().to(device) if outputs.get("ce_loss") is not None else zero,
+            outputs.get("recon_loss").detach().float().to(device) if outputs.get("recon_loss") is not None else zero,
+            # one number for all router statistics: their sum is non-finite when any of them is (they are means
+            # of bounded quantities, so the sum cannot overflow by itself)
+            torch.stack([v.detach().float().to(device) for v in router]).sum() if router else zero,
+            loss.detach().float().to(device),
+        ])
+        first = ~torch.isfinite(current) & (self._nonfinite_step < 0)
+        # the batch belongs to the optimizer step after the last completed one (1-based, as logged)
+        self._nonfinite_step = torch.where(first, self.state.global_step + 1, self._nonfinite_step)
+        self._nonfinite_value = torch.where(first, current, self._nonfinite_value)
+
+    def _raise_if_non_finite(self) -> None:
+        """Raises `NonFiniteLossError` if a loss component was non-finite on any process since training started.
+
+        Every process must call this at the same point (it gathers across processes): a NaN in one rank's batch
+        reaches every rank's weights through the gradient all-reduce, so every rank must stop, and none may save.
+        """
+        if self._nonfinite_step is None:
+            return
+        steps, values = self._nonfinite_step[None], self._nonfinite_value[None]
+        if self.accelerator.num_processes > 1:
+            steps, values = self.accelerator.gather(steps), self.accelerator.gather(values)
+        steps, values = steps.tolist(), values.tolist()  # the host sync, at a point that syncs anyway
+        flagged = [(step, rank, name, value)
+                   for rank, (rank_steps, rank_values) in enumerate(zip(steps, values))
+                   for name, step, value in zip(_GUARDED, rank_steps, rank_values) if step >= 0]
+        if not flagged:
+            return
+        step = min(entry[0] for entry in flagged)
+        found: dict[str, float] = {}
+        ranks: dict[str, list[int]] = {}
+        for at, rank, name, value in flagged:
+            if at == step:
+                found.setdefault(name, value)
+                ranks.setdefault(name, []).append(rank)
+        if len(found) > 1:  # the total follows from the components: name it only when it is the only one
+            found.pop("loss", None)
+        where = "" if self.accelerator.num_processes == 1 else " on process {}"
+        details = ", ".join(
+            f"{_GUARDED_LABELS[name]} = {found[name]}" + where.format(", ".join(map(str, ranks[name])))
+            for name in _GUARDED if name in found
+        )
+        raise NonFiniteLossError(
+            f"Non-finite training loss at global step {step}: {details}. Training stopped before writing any "
+            f"checkpoint from the weights this step updated (the last checkpoint in {self.args.output_dir} precedes "
+            f"it). Resume from that checkpoint with a lower learning rate, stronger clipping, or look at the batch "
+            f"of step {step}.",
+            step=step,
+            components=found,
+        )
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log (evaluation logs carry eval_* keys only)
+            self._raise_if_non_finite()
             logs.update(self._drain_metrics())
             stage = getattr(self.data_collator, "stage", None)
             if stage is not None:
@@ -262,9 +384,79 @@ class VedasTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         self._metric_sums, self._metric_counts = {}, {}
-        return super().train(*args, **kwargs)
+        self._reset_non_finite()
+        result = super().train(*args, **kwargs)
+        # a non-finite loss after the last log and save must still stop the caller from saving the final model
+        self._raise_if_non_finite()
+        return result
 
     # ------------------------------------------------------------------ checkpoints
+    def _save_checkpoint(self, model, trial) -> None:
+        """Writes the Trainer checkpoint atomically: complete as `checkpoint-N`, or not there at all.
+
+        The Trainer writes `checkpoint-N` in place, file after file and from several processes (each one its RNG
+        state), so a run killed mid-save leaves a partial `checkpoint-N` that `get_last_checkpoint` and
+        `resume_from_checkpoint=True` then pick as the latest. Here every process writes into
+        `<output_dir>/_tmp-checkpoints/checkpoint-N` (the Trainer's own `_save_checkpoint`, with its output folder
+        redirected), all processes wait for each other, and the writer process alone renames the folder to
+        `<output_dir>/checkpoint-N` (a rename is atomic) and rotates checkpoints. (Earlier transformers releases
+        staged checkpoints in `tmp-checkpoint-N`, where every process renamed without waiting for the others,
+        huggingface/transformers#27925, and the asynchronous Hub push read the staged folder after its rename,
+        #29399: here only the writer renames, after a barrier, and the push starts from the final folder.)
+
+        This protects against the process dying (SIGKILL, OOM killer, preemption), not against a power loss: the
+        files are not fsync'ed. Multi-node runs without a shared filesystem should set `save_on_each_node`.
+        """
+        self._raise_if_non_finite()  # never write a checkpoint from weights a non-finite loss has updated
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = os.path.join(run_dir, CHECKPOINT_STAGING_DIR)
+        if self.args.should_save and os.path.lexists(staging):
+            shutil.rmtree(staging)  # what a save killed earlier left behind
+        self.accelerator.wait_for_everyone()  # no process writes into the staging folder before it is cleared
+        self._staging_run_dir, self._push_pending = staging, False
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_run_dir = None
+        self.accelerator.wait_for_everyone()  # every process's files are written
+        staged, final = os.path.join(staging, name), os.path.join(run_dir, name)
+        best = self.state.best_model_checkpoint
+        best_was_staged = best is not None and os.path.dirname(os.path.normpath(best)) == os.path.normpath(staging)
+        if best_was_staged:  # the Trainer recorded the best checkpoint under the folder it wrote to
+            self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(os.path.normpath(best)))
+        if self.args.should_save:
+            if best_was_staged:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+            if os.path.lexists(final):
+                # e.g. a run restarted from an earlier checkpoint in the same folder: move the old one out of the way
+                # first (a kill between the two renames leaves older complete checkpoints as the latest)
+                os.replace(final, os.path.join(staging, f"replaced-{name}"))
+            os.replace(staged, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            # the Trainer's rotation ran on the staging folder (one checkpoint, nothing to delete): rotate here
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        if self._push_pending:
+            self._push_pending = False
+            super()._push_from_checkpoint(final)
+
+    def _get_output_dir(self, trial) -> str:
+        # redirects the Trainer's checkpoint writes to the staging folder while `_save_checkpoint` runs
+        if self._staging_run_dir is not None:
+            return self._staging_run_dir
+        return super()._get_output_dir(trial)
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        if self._staging_run_dir is not None:  # the upload runs in the background: start it from the final folder
+            self._push_pending = True
+            return
+        super()._push_from_checkpoint(checkpoint_folder)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # `save_pretrained` writes Qwen2-VL's legacy key layout (`visual.*`, `model.layers.*`) by default, but
         # `resume_from_checkpoint` loads the raw state dict without the checkpoint key renames
