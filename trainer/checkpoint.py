@@ -8,11 +8,14 @@ AutoModelForImageTextToText), the remote-code files, `model.safetensors`, the pr
 import dataclasses
 import json
 import logging
+import math
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from jinja2 import Template
 from safetensors import SafetensorError
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
@@ -32,7 +35,16 @@ BACKBONES = {
     "qwen2_vl": (Qwen2VLForConditionalGeneration, VedasConfig, VedasForConditionalGeneration),
     "qwen2_5_vl": (Qwen2_5_VLForConditionalGeneration, Vedas25Config, Vedas25ForConditionalGeneration),
 }
+# Vedas model_type -> (config class, model class)
+VEDAS_MODEL_TYPES = {
+    VedasConfig.model_type: (VedasConfig, VedasForConditionalGeneration),
+    Vedas25Config.model_type: (Vedas25Config, Vedas25ForConditionalGeneration),
+}
 VEDAS_MODULE_KEYS = ("depth_router", "depth_step_embed", "token_sr")
+SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
+# Pickle-based weights run arbitrary code on load; a checkpoint that has only these is refused.
+PICKLE_WEIGHTS_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+PROCESSOR_CONFIG_NAMES = ("processor_config.json", "preprocessor_config.json")
 # The special-token strings and ids are assigned by the conversion itself (it adds the tokens to the tokenizer
 # and records their ids); overriding them would make config and tokenizer disagree.
 CONVERSION_OWNED = {f.name for f in dataclasses.fields(VedasSettings) if f.name.endswith(("_token", "_token_id"))}
@@ -73,16 +85,176 @@ def save_vedas_checkpoint(model, processor, out_dir, card_context: dict | None =
     return out_dir
 
 
-def _read_base_config(base_dir: Path) -> dict:
-    config_path = base_dir / "config.json"
-    if not base_dir.is_dir():
-        raise CheckpointError(f"Base checkpoint folder {str(base_dir)!r} does not exist.")
+def _read_config(folder: Path, kind: str) -> dict:
+    """The parsed config.json of a checkpoint folder; CheckpointError naming the file if it is missing or broken."""
+    config_path = folder / "config.json"
+    if not folder.is_dir():
+        raise CheckpointError(f"{kind} folder {str(folder)!r} does not exist.")
     if not config_path.is_file():
-        raise CheckpointError(f"{str(base_dir)!r} has no config.json: it is not a Qwen2-VL/Qwen2.5-VL checkpoint.")
+        raise CheckpointError(f"{str(folder)!r} has no config.json: it is not a {kind}.")
     try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
+        config = json.loads(config_path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{str(config_path)!r} is not valid JSON: {err}") from err
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{str(config_path)!r} holds a JSON {type(config).__name__}, not an object.")
+    return config
+
+
+def _safetensors_header(path: Path) -> tuple[dict | None, int, str | None]:
+    """(header, offset of the tensor data, None) or (None, 0, what is wrong), reading only the file's head."""
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            return None, 0, f"truncated: {size} bytes, too short for the 8-byte header length"
+        header_length = int.from_bytes(prefix, "little")
+        if header_length > size - 8:
+            return None, 0, f"truncated or not safetensors: a {header_length}-byte header in a {size}-byte file"
+        try:
+            header = json.loads(file.read(header_length))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            return None, 0, f"corrupt header: {err}"
+    if not isinstance(header, dict):
+        return None, 0, "corrupt header: not a JSON object"
+    return header, 8 + header_length, None
+
+
+def safetensors_problem(path) -> str | None:
+    """What is wrong with a safetensors file, judged from its header and size alone (no tensor is read); None
+    if it looks intact. Catches the common damage, an interrupted copy or download, before the loader fails
+    with a message that names neither the file nor the cause."""
+    path = Path(path)
+    header, data_start, problem = _safetensors_header(path)
+    if problem is not None:
+        return problem
+    data_end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            return f"corrupt header: tensor {name!r} has no valid data_offsets"
+        data_end = max(data_end, offsets[1])
+    size = path.stat().st_size
+    if size < data_start + data_end:
+        return f"truncated: {size} bytes, the header describes {data_start + data_end}"
+    return None
+
+
+def _weight_files(folder: Path) -> tuple[list[str], str | None]:
+    """(safetensors file names the folder's weights consist of, None) or ([], what is wrong with the index)."""
+    index = folder / SAFE_WEIGHTS_INDEX_NAME
+    if not index.is_file():
+        return [SAFE_WEIGHTS_NAME], None
+    try:
+        weight_map = json.loads(index.read_bytes())["weight_map"]
+        return sorted(set(weight_map.values())), None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+        return [], f"a valid {SAFE_WEIGHTS_INDEX_NAME} (no readable weight_map: {type(err).__name__}: {err})"
+
+
+def weights_problems(folder) -> list[str]:
+    """What a folder lacks to load its weights from intact safetensors files (empty list if nothing).
+
+    A sharded checkpoint (`model.safetensors.index.json`) must have every shard its index lists. A folder with
+    only pickle weights (`pytorch_model.bin`) is refused: unpickling can run arbitrary code.
+    """
+    folder = Path(folder)
+    indexed = (folder / SAFE_WEIGHTS_INDEX_NAME).is_file()
+    if not indexed and not (folder / SAFE_WEIGHTS_NAME).is_file():
+        pickled = [name for name in PICKLE_WEIGHTS_NAMES if (folder / name).is_file()]
+        if pickled:
+            return [f"{SAFE_WEIGHTS_NAME} (the folder has only {pickled[0]}; weights load from safetensors only, "
+                    f"as unpickling can run arbitrary code: re-save with save_pretrained(safe_serialization=True))"]
+        return [SAFE_WEIGHTS_NAME]
+    files, problem = _weight_files(folder)
+    if problem is not None:
+        return [problem]
+    problems = []
+    for name in files:
+        if not (folder / name).is_file():
+            problems.append(f"{name} (listed in {SAFE_WEIGHTS_INDEX_NAME})" if indexed else name)
+            continue
+        problem = safetensors_problem(folder / name)
+        if problem is not None:
+            problems.append(f"an intact {name} ({problem})")
+    return problems
+
+
+# Config fields that set how many blocks the model builds, and the weight names that count those blocks. A
+# corrupt count (say 10**12) is type-correct, so config validation accepts it, and building the model would
+# then loop for hours instead of failing; the weights' own header says how many blocks there really are.
+_BLOCK_COUNTS = (
+    ("text_config.num_hidden_layers", re.compile(r"(?:^|\.)(?:language_model|model)\.layers\.(\d+)\.")),
+    ("vision_config.depth", re.compile(r"(?:^|\.)visual\.blocks\.(\d+)\.")),
+)
+
+
+def _config_sections(config: dict) -> list[tuple[str, dict]]:
+    """(prefix, dict) for the raw config and its text/vision sub-configs."""
+    sections = [("", config)]
+    for name in ("text_config", "vision_config"):
+        if isinstance(config.get(name), dict):
+            sections.append((f"{name}.", config[name]))
+    return sections
+
+
+# Backbone settings whose sign the config classes do not check and that turn every logit into NaN when not
+# positive (a normalisation epsilon under a square root, the rotary base under a power).
+_POSITIVE_FIELDS = ("rms_norm_eps", "layer_norm_eps", "rope_theta")
+
+
+def _check_config_against_weights(folder: Path, config: dict) -> None:
+    """Checks of the raw config.json against the weights' headers, before any config or model object is built.
+
+    These are values that pass the config classes' type checks but break the build or the first forward far from
+    their cause: a block count of 10**12 makes the model constructor loop for hours; a token id past the
+    embedding fails at the first forward as an index error in torch (or a device-side assert on GPU); an unknown
+    dtype name fails inside from_pretrained; a negative norm epsilon or rotary base loads fine and computes NaN.
+    """
+    names, rows = set(), None
+    for file_name in _weight_files(folder)[0]:
+        header, _, _ = _safetensors_header(folder / file_name)
+        for name, entry in (header or {}).items():
+            names.add(name)
+            if name.endswith("embed_tokens.weight") and isinstance(entry, dict) and entry.get("shape"):
+                rows = entry["shape"][0]
+    config_path = str(folder / "config.json")
+    for field, pattern in _BLOCK_COUNTS:
+        section, key = field.split(".")
+        declared = config[section].get(key) if isinstance(config.get(section), dict) else None
+        if isinstance(declared, bool) or not isinstance(declared, int):
+            continue  # absent (the class default applies) or mistyped (the config's own validation refuses it)
+        found = {int(match.group(1)) for name in names if (match := pattern.search(name))}
+        if found and declared != len(found):
+            raise CheckpointError(
+                f"{config_path!r}: {field}={declared!r}, but the weights hold {len(found)} "
+                f"(indices {min(found)}-{max(found)}); config.json and the weights do not belong together."
+            )
+    for prefix, section in _config_sections(config):
+        rope = section.get("rope_parameters")
+        positive = [(key, section[key]) for key in _POSITIVE_FIELDS if key in section]
+        if isinstance(rope, dict) and "rope_theta" in rope:
+            positive.append(("rope_parameters.rope_theta", rope["rope_theta"]))
+        for key, value in positive:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise CheckpointError(f"{config_path!r}: {prefix}{key}={value!r} must be a positive finite number.")
+        for key, value in section.items():
+            if key in ("dtype", "torch_dtype") and value is not None and value != "auto":
+                if not isinstance(value, str) or not isinstance(getattr(torch, value, None), torch.dtype):
+                    raise CheckpointError(f"{config_path!r}: {prefix}{key}={value!r} is not a torch dtype name.")
+            if rows is not None and key.endswith("_token_id") and value is not None:
+                ids = value if isinstance(value, list) else [value]
+                if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < rows for i in ids):
+                    raise CheckpointError(
+                        f"{config_path!r}: {prefix}{key}={value!r} is not a token id of the {rows}-row embedding "
+                        f"in the weights."
+                    )
+
+
+def _read_base_config(base_dir: Path) -> dict:
+    config = _read_config(base_dir, "Qwen2-VL/Qwen2.5-VL checkpoint")
     model_type = config.get("model_type")
     if model_type not in BACKBONES:
         raise CheckpointError(
@@ -95,18 +267,125 @@ def _read_base_config(base_dir: Path) -> dict:
 def load_base(base_dir, dtype=None):
     """Load a base checkpoint with its own class (so legacy key layouts are renamed); clear errors on corruption."""
     base_dir = Path(base_dir)
-    model_type = _read_base_config(base_dir)["model_type"]
-    base_class = BACKBONES[model_type][0]
-    try:
-        model = base_class.from_pretrained(base_dir, dtype=dtype or "auto")
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-        weights = sorted(p.name for p in base_dir.glob("*.safetensors")) or ["(no *.safetensors file)"]
-        raise CheckpointError(f"Could not load the weights of {str(base_dir)!r} ({', '.join(weights)}): {err}") from err
-    try:
-        processor = AutoProcessor.from_pretrained(base_dir)
-    except (OSError, ValueError, TypeError) as err:
-        raise CheckpointError(f"Could not load the processor/tokenizer files of {str(base_dir)!r}: {err}") from err
+    config = _read_base_config(base_dir)
+    base_class = BACKBONES[config["model_type"]][0]
+    _check_weights(base_dir, config)
+    model = _load_weights(base_class, base_dir, dtype=dtype or "auto")
+    processor = _load_processor(base_dir)
+    check_vocabulary(base_dir, model, processor)
     return model, processor
+
+
+def _check_weights(folder: Path, config: dict) -> None:
+    """Intact safetensors weights that fit the raw config; checked before anything is built."""
+    problems = weights_problems(folder)
+    if problems:
+        raise CheckpointError(f"Cannot load the weights of {str(folder)!r}: missing {'; '.join(problems)}")
+    _check_config_against_weights(folder, config)
+
+
+# What building a model from a type-valid but nonsensical config raises (an unknown activation name, a head
+# count that makes the rotary frequencies divide by zero, an attribute of the wrong kind...): at this point the
+# config has passed its own checks, so any of these means "this checkpoint is broken", not a bug in the caller.
+_BUILD_ERRORS = (
+    SafetensorError, OSError, RuntimeError, ValueError, TypeError, KeyError, IndexError, AttributeError,
+    ZeroDivisionError, AssertionError, StrictDataclassError,
+)
+
+
+def _load_weights(model_class, folder: Path, **kwargs):
+    try:
+        # use_safetensors=True: never fall back to a pickle file that happens to lie next to the safetensors
+        return model_class.from_pretrained(folder, use_safetensors=True, **kwargs)
+    except _BUILD_ERRORS as err:
+        weights = ", ".join(_weight_files(folder)[0]) or "(no *.safetensors file)"
+        raise CheckpointError(
+            f"Could not build the model of {str(folder)!r} from its config.json and load its weights ({weights}): "
+            f"{type(err).__name__}: {err}"
+        ) from err
+
+
+def _load_processor(folder: Path, **kwargs):
+    """The folder's processor, or a CheckpointError naming the missing files. They are checked before loading
+    because AutoProcessor's own errors point elsewhere: at the Hub ("make sure ... is the correct path to a
+    directory containing a preprocessor_config.json") or at installing sentencepiece when tokenizer.json is gone."""
+    missing = []
+    if not any((folder / name).is_file() for name in PROCESSOR_CONFIG_NAMES):
+        missing.append(" or ".join(PROCESSOR_CONFIG_NAMES))
+    if not (folder / "tokenizer.json").is_file() and not (folder / "vocab.json").is_file():
+        missing.append("tokenizer.json")
+    if missing:
+        raise CheckpointError(f"{str(folder)!r} lacks processor files: {', '.join(missing)}.")
+    try:
+        processor = AutoProcessor.from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, TypeError, KeyError, StrictDataclassError) as err:
+        raise CheckpointError(f"Could not load the processor/tokenizer files of {str(folder)!r}: {err}") from err
+    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+        raise CheckpointError(f"{str(folder)!r}: {type(processor).__name__} is not an image-text processor.")
+    if not (getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)):
+        raise CheckpointError(f"{str(folder)!r} has no chat template (chat_template.jinja): prompts cannot be built.")
+    return processor
+
+
+def _token_id_fields(config) -> dict[str, object]:
+    """Every `*_token_id` setting of a config and its text config (eos may be a list of ids)."""
+    fields = {}
+    for prefix, values in (("", config.to_dict()), ("text_config.", config.get_text_config().to_dict())):
+        for key, value in values.items():
+            if key.endswith("_token_id") and value is not None:
+                fields[prefix + key] = value
+    return fields
+
+
+def check_vocabulary(folder, model, processor) -> None:
+    """Refuse weights, config and tokenizer that disagree on the vocabulary.
+
+    A token id at or past the embedding's rows fails only at the first forward, as an index error deep in
+    torch (or a device-side assert on GPU); a Vedas token whose id in config.json is not the tokenizer's id
+    trains the wrong rows without any error, a vision marker that differs fails at the first forward. All of
+    these come from mixing files of different checkpoints.
+    """
+    rows = model.get_input_embeddings().weight.shape[0]
+    tokenizer = processor.tokenizer
+    where = str(folder)
+    if len(tokenizer) > rows:
+        raise CheckpointError(
+            f"{where!r}: the tokenizer has {len(tokenizer)} tokens but the embedding has {rows} rows "
+            f"(config.json text_config.vocab_size): ids >= {rows} cannot be embedded. Tokenizer and weights come "
+            f"from different checkpoints."
+        )
+    for field, value in _token_id_fields(model.config).items():
+        for token_id in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(token_id, bool) or not isinstance(token_id, int) or not 0 <= token_id < rows:
+                raise CheckpointError(
+                    f"{where!r}: config.json {field}={value!r} is not a token id of the {rows}-row embedding."
+                )
+    # The processor writes these tokens into every multimodal prompt and the model looks for the config's ids:
+    # if they differ, no image position is found and the first forward fails far from the cause.
+    for field, token in (("image_token_id", getattr(processor, "image_token", None)),
+                         ("video_token_id", getattr(processor, "video_token", None)),
+                         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>")):
+        token_id = getattr(model.config, field, None)
+        found = tokenizer.convert_tokens_to_ids(token) if isinstance(token, str) else None
+        if token_id is not None and found is not None and found != tokenizer.unk_token_id and found != token_id:
+            raise CheckpointError(
+                f"{where!r}: config.json {field}={token_id} but the tokenizer maps {token!r} to {found}."
+            )
+    if not isinstance(model.config, tuple(config for config, _ in VEDAS_MODEL_TYPES.values())):
+        return
+    for name in SPECIAL_TOKENS:
+        token, token_id = getattr(model.config, f"{name}_token"), getattr(model.config, f"{name}_token_id")
+        if not isinstance(token, str) or not token:
+            raise CheckpointError(f"{where!r}: config.json {name}_token={token!r} is not a token string.")
+        if token_id is None:
+            raise CheckpointError(
+                f"{where!r}: config.json has no {name}_token_id: the folder was not written by convert_base."
+            )
+        found = tokenizer.convert_tokens_to_ids(token)
+        if found != token_id:
+            raise CheckpointError(
+                f"{where!r}: config.json {name}_token_id={token_id} but the tokenizer maps {token!r} to {found}."
+            )
 
 
 def check_overrides(overrides: dict) -> None:
@@ -189,19 +468,38 @@ def hub_repo_id(folder) -> str | None:
 
 
 def is_vedas_checkpoint(folder) -> bool:
-    config = Path(folder) / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type", "").startswith("vedas")
+    try:
+        return _read_config(Path(folder), "Vedas checkpoint").get("model_type") in VEDAS_MODEL_TYPES
+    except CheckpointError:
+        return False
 
 
 def load_vedas(folder, **overrides):
     """Load a Vedas checkpoint with this package's classes (any config field can be overridden) and its processor,
-    set up for left padding."""
+    set up for left padding.
+
+    Weights load from safetensors only. Every problem is a `CheckpointError` naming the folder and the file or
+    field: a missing or broken config.json, a model_type that is not Vedas, missing, truncated or pickle-only
+    weights, missing processor files, a tokenizer or special-token ids that do not fit the embedding.
+    """
     folder = Path(folder)
-    model_type = json.loads((folder / "config.json").read_text())["model_type"]
-    _, config_class, model_class = BACKBONES["qwen2_vl" if model_type == "vedas" else "qwen2_5_vl"]
-    config = config_class.from_pretrained(folder, **overrides)
-    model = model_class.from_pretrained(folder, config=config).eval()
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    config_dict = _read_config(folder, "Vedas checkpoint")
+    model_type = config_dict.get("model_type")
+    if model_type not in VEDAS_MODEL_TYPES:
+        raise CheckpointError(
+            f"{str(folder / 'config.json')!r} has model_type={model_type!r}; a Vedas checkpoint has one of "
+            f"{sorted(VEDAS_MODEL_TYPES)} (convert a Qwen2-VL/Qwen2.5-VL base with examples/convert_base.py)."
+        )
+    config_class, model_class = VEDAS_MODEL_TYPES[model_type]
+    _check_weights(folder, config_dict)
+    try:
+        config = config_class.from_pretrained(folder, **overrides)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, StrictDataclassError) as err:
+        source = f"config.json with overrides {overrides}" if overrides else "config.json"
+        raise CheckpointError(f"Invalid {source} in {str(folder)!r}: {err}") from err
+    model = _load_weights(model_class, folder, config=config).eval()
+    processor = _load_processor(folder, trust_remote_code=True)
+    check_vocabulary(folder, model, processor)
     processor.tokenizer.padding_side = "left"
     return model, processor
 
@@ -211,19 +509,31 @@ def count_vedas_parameters(model) -> int:
 
 
 def check_checkpoint_folder(folder) -> list[str]:
-    """Names of what a complete Vedas checkpoint folder lacks (empty list if complete)."""
+    """What a complete Vedas checkpoint folder lacks (empty list if complete): missing files, and intact
+    versions of broken ones ("an intact model.safetensors (truncated: ...)"). Reads only small files and the
+    safetensors headers, so it is cheap enough to run before every push."""
     folder = Path(folder)
-    required = ["config.json", "model.safetensors", "README.md", "tokenizer.json", "tokenizer_config.json",
-                *REMOTE_CODE_FILES]
+    required = ["config.json", "README.md", "tokenizer.json", "tokenizer_config.json", *REMOTE_CODE_FILES]
     missing = [name for name in required if not (folder / name).is_file()]
-    if not any((folder / n).is_file() for n in ("processor_config.json", "preprocessor_config.json")):
-        missing.append("processor_config.json or preprocessor_config.json")
+    missing += weights_problems(folder)
+    if not any((folder / name).is_file() for name in PROCESSOR_CONFIG_NAMES):
+        missing.append(" or ".join(PROCESSOR_CONFIG_NAMES))
     if (folder / "config.json").is_file():
-        config = json.loads((folder / "config.json").read_text())
+        try:
+            config = _read_config(folder, "Vedas checkpoint")
+        except CheckpointError as err:
+            return missing + [f"a valid config.json ({err})"]
+        if config.get("model_type") not in VEDAS_MODEL_TYPES:
+            missing.append(f"a Vedas model_type in config.json (one of {sorted(VEDAS_MODEL_TYPES)}, "
+                           f"found {config.get('model_type')!r})")
+        auto_map = config.get("auto_map")
         for key in ("AutoConfig", "AutoModel", "AutoModelForImageTextToText"):
-            if key not in config.get("auto_map", {}):
+            if not isinstance(auto_map, dict) or key not in auto_map:
                 missing.append(f"config.json auto_map[{key!r}]")
     return missing
 
 
-__all__ = ["convert_base", "save_vedas_checkpoint", "check_checkpoint_folder", "render_model_card", "CheckpointError"]
+__all__ = [
+    "convert_base", "save_vedas_checkpoint", "check_checkpoint_folder", "check_vocabulary", "load_vedas",
+    "render_model_card", "safetensors_problem", "weights_problems", "CheckpointError",
+]
