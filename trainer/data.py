@@ -32,6 +32,7 @@ import numbers
 import os
 import struct
 import threading
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -403,13 +404,25 @@ def load_image(
 
     with _decode_pixel_limit() as limit:
         try:
-            with Image.open(source) as image:
+            with warnings.catch_warnings():
+                # Between the limit and twice it Pillow only warns at open(); the check below raises instead.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                image = Image.open(source)
+            with image:
                 if limit is not None and image.width * image.height > limit:
                     raise fail(
-                        f"image {name} is {image.width}x{image.height} pixels, more than the decode "
-                        f"limit of {limit} (vedas_trainer.data.MAX_DECODE_PIXELS / PIL.Image.MAX_IMAGE_PIXELS)"
+                        f"image {name} is {image.width}x{image.height} pixels: it exceeds the decode limit of "
+                        f"{limit} pixels (vedas_trainer.data.MAX_DECODE_PIXELS / PIL.Image.MAX_IMAGE_PIXELS)"
                     )
                 return _decode(image, min_pixels, max_pixels, owned=True)
+        except DataError:
+            raise  # the size check above; DataError is a ValueError, which the handler below would wrap again
+        except Image.DecompressionBombError as err:
+            # Pillow refuses at open() images over twice its limit, before our size check above can run
+            raise fail(
+                f"image {name} exceeds the decode limit of {limit} pixels "
+                f"(vedas_trainer.data.MAX_DECODE_PIXELS / PIL.Image.MAX_IMAGE_PIXELS): {err}"
+            ) from err
         except _DECODE_ERRORS as err:
             raise fail(f"cannot decode image {name}: {type(err).__name__}: {err}") from err
 
@@ -789,7 +802,7 @@ def _find_unreadable_json_row(path: Path) -> tuple[int | None, str | None, str] 
             if not line.strip():
                 continue
             try:
-                value = json.loads(line.decode("utf-8"))
+                value = json.loads(line.decode("utf-8").rstrip("\r\n"))  # so the column counts within the line
             except UnicodeDecodeError as err:
                 byte, column = line[err.start], err.start + 1
                 return row, None, f"line {line_number}: not valid UTF-8 (byte 0x{byte:02x} at column {column})"
