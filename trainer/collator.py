@@ -233,6 +233,13 @@ class VedasCollator:
             raise DataError(
                 f"expected a sample dict, got {type(sample).__name__}", sample_id=f"<batch position {position}>"
             )
+        sample_id = sample.get("id")
+        if sample_id is not None:
+            # the id seeds the uniform_prob draws (random.Random hashes its UTF-8 bytes) and names the sample
+            if isinstance(sample_id, bool) or not isinstance(sample_id, (str, numbers.Integral)):
+                raise DataError(f"expected a string or integer id, got {type(sample_id).__name__} {sample_id!r:.80}",
+                                sample_id=f"<batch position {position}>", field="id")
+            self._checked_text(str(sample_id), f"<batch position {position}>", "id", allow_empty=True)
         sample_id = _sample_id(sample, position)
         question = self._checked_text(sample.get("question"), sample_id, "question")
 
@@ -241,8 +248,8 @@ class VedasCollator:
             if not isinstance(choices, (list, tuple)):
                 raise DataError(f"expected a list of option texts or None, got {type(choices).__name__}",
                                 sample_id=sample_id, field="choices")
-            if len(choices) > len(_LETTERS):
-                raise DataError(f"at most {len(_LETTERS)} options can be lettered, got {len(choices)}",
+            if len(choices) == 1 or len(choices) > len(_LETTERS):
+                raise DataError(f"expected no options or 2 to {len(_LETTERS)}, got {len(choices)}",
                                 sample_id=sample_id, field="choices")
             choices = [self._checked_text(choice, sample_id, f"choices[{i}]") for i, choice in enumerate(choices)]
             choices = choices or None  # an empty list means "no options", as in build_messages
