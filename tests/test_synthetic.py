@@ -14,6 +14,7 @@ from vedas_trainer.synthetic import (
     DIRECTIONS,
     build_splits,
     build_synthetic_dataset,
+    cell_tint,
     make_sample,
     scene_hash,
     solve,
@@ -124,6 +125,25 @@ def test_images_decode_with_scene_colours(splits):
         # on cell corners and edge midpoints only).
         sr, sc = sample["scene"]["start"]
         assert image.getpixel((sc * CELL_PX + 1, sr * CELL_PX + CELL_PX // 4)) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("grid", [3, 4, 9])
+def test_coordinate_tints_encode_row_and_column(grid):
+    sample = make_sample(5, grid=grid, distractor_prob=0.0)
+    image = sample["images"][0]
+    tints = set()
+    for r in range(grid):
+        for c in range(grid):
+            # a few pixels inside the cell's top-left corner: past the grid line (and the start border), before the arrow
+            tint = image.getpixel((c * CELL_PX + 4, r * CELL_PX + 4))
+            assert tint == cell_tint(r, c, grid), (r, c, tint)
+            # pale: every arrow colour has a channel <= 60, every tint has all channels >= 171
+            assert min(tint) >= 171 and all(min(colour) <= 60 for colour in COLOURS.values())
+            tints.add(tint)
+    assert len(tints) == grid * grid  # every cell is identifiable by its background alone
+    plain = make_sample(5, grid=grid, distractor_prob=0.0, coordinate_tints=False)["images"][0]
+    assert plain.getpixel((4, 4)) == (255, 255, 255)
+    assert plain.getpixel((CELL_PX * (grid - 1) + 4, 4)) == (255, 255, 255)
 
 
 def test_distractors_do_not_change_the_answer():

@@ -49,6 +49,7 @@ __all__ = [
     "CELL_PX",
     "COLOURS",
     "DIRECTIONS",
+    "cell_tint",
     "make_sample",
     "solve",
     "scene_hash",
@@ -73,6 +74,12 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 # Distractors may also be grey; black is reserved for the start marker.
 DISTRACTOR_COLOURS: dict[str, tuple[int, int, int]] = {**COLOURS, "grey": (128, 128, 128)}
 BACKGROUND = (255, 255, 255)
+# Coordinate tints: with ``coordinate_tints`` every cell's background is a pale colour that encodes its row (red
+# channel) and column (green channel), like the labelled ranks and files of a chess board. Qwen2-VL's M-RoPE gives
+# visual tokens their (row, column) only as rotary angles, which a tiny model resolves poorly (the w section gets
+# the lowest frequencies); with the tint, "row 2 col 3" in the text can find its cell by content instead. All
+# channels span 171-255 whatever the grid size, well clear of the saturated arrow colours.
+TINT_RANGE = 84
 GRID_LINE = (205, 205, 205)
 START_BORDER = (0, 0, 0)
 START_BORDER_PX = 3
@@ -143,8 +150,15 @@ def _triangle(cx: float, cy: float, half: int, direction: str) -> list[tuple[flo
     return [tip, base_left, base_right]
 
 
+def cell_tint(row: int, col: int, grid: int) -> tuple[int, int, int]:
+    """The background colour of cell (row, col) (0-based) of a ``grid`` x ``grid`` board with coordinate tints."""
+    step = TINT_RANGE / (grid - 1)
+    return (255 - round(step * row), 255 - round(step * col), 235)
+
+
 def _render(scene: dict[str, Any]) -> Image.Image:
     grid = scene["grid_size"]
+    tinted = scene.get("coordinate_tints", False)
     size = grid * CELL_PX
     image = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(image)
@@ -152,7 +166,8 @@ def _render(scene: dict[str, Any]) -> Image.Image:
         for col in range(grid):
             x0, y0 = col * CELL_PX, row * CELL_PX
             # Thin grid lines help locate cells but stay well away from the arrow colours.
-            draw.rectangle([x0, y0, x0 + CELL_PX - 1, y0 + CELL_PX - 1], outline=GRID_LINE, width=1)
+            fill = cell_tint(row, col, grid) if tinted else None
+            draw.rectangle([x0, y0, x0 + CELL_PX - 1, y0 + CELL_PX - 1], fill=fill, outline=GRID_LINE, width=1)
             colour, direction = scene["cells"][row][col]
             half = scene["sizes"][row][col]
             # Centre of the cell in pixel coordinates (pixels x0..x0+27, centre between 13 and 14).
@@ -217,6 +232,7 @@ def make_sample(
     n_options: int = 4,
     distractor_prob: float = 0.1,
     arrow_sizes: Sequence[int] = (6, 7, 8),
+    coordinate_tints: bool = True,
     sample_id: str | None = None,
 ) -> dict[str, Any]:
     """Draw one sample of the "follow the arrows" task.
@@ -231,6 +247,8 @@ def make_sample(
             answer and are shuffled, so the letter has to be read from the question.
         distractor_prob: expected fraction of cells that add a small distractor shape.
         arrow_sizes: possible half-sizes (px) of an arrow's bounding box; each cell draws one.
+        coordinate_tints: tint each cell's background by its (row, column) (:func:`cell_tint`), so that a cell
+            named in the text can be found by its content.
         sample_id: the ``id`` field; defaults to one derived from the seed when it is an int/str.
 
     Returns:
@@ -284,6 +302,7 @@ def make_sample(
         "start": start,
         "path": path,
         "distractors": _make_distractors(rng, grid, distractor_prob),
+        "coordinate_tints": bool(coordinate_tints),
     }
     question_kwargs = {"n_moves": moves, "form": form, "choices": choices}
     answer = solve(scene, question_kwargs)
@@ -370,6 +389,7 @@ def synthetic_features() -> datasets.Features:
                 "distractors": List(
                     {"x": int32, "y": int32, "radius": int32, "shape": string, "colour": string}
                 ),
+                "coordinate_tints": datasets.Value("bool"),
             },
             "question_kwargs": {"n_moves": int32, "form": string, "choices": List(string)},
         }
