@@ -92,7 +92,8 @@ def test_kills_leave_no_process_behind(killed_twice):
 def test_mid_step_kill_resumes_from_a_complete_checkpoint(killed_twice):
     _, runs = killed_twice
     run = runs["mid-step"]
-    assert run["latest"] is not None and run["state"]["global_step"] in (1, 2), run
+    # half a step after checkpoint 1 (a busy machine can shift that by a step): a complete checkpoint to resume from
+    assert run["latest"] is not None and 1 <= run["state"]["global_step"] <= 3, run
     assert "Curriculum: epoch 0 (global step 0) trains at stage 0." in run["launch"].output
 
 
