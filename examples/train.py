@@ -230,6 +230,20 @@ def plot_losses(log_history, path):
     return path
 
 
+def resume_checkpoint(args) -> str | None:
+    """`--resume_from_checkpoint PATH`, or `True` / `last` for the newest complete checkpoint in output_dir."""
+    value = args.resume_from_checkpoint
+    if value is None or value.lower() not in ("true", "last"):
+        return value
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+    if last is None:
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no checkpoint-N folder in {args.output_dir!r}.")
+    logger.info("Resuming from %s", last)
+    return last
+
+
 def parameter_checksum(model) -> tuple[float, str]:
     """(sum of |p|, sha256 of the raw bytes) over all parameters in name order: data-parallel ranks must agree."""
     digest, total = hashlib.sha256(), 0.0
@@ -278,7 +292,7 @@ def main():
     # the curriculum callback is added by VedasTrainer from the arguments
     trainer = VedasTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
                            callbacks=callbacks)
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(args))
     # every rank logs its own weights' checksum: data-parallel replicas must end identical
     total, digest = parameter_checksum(trainer.model)
     logger.info("rank %d parameter checksum %.6f sha256 %s (global step %d)", args.process_index, total, digest,

@@ -396,3 +396,21 @@ def test_quick_run_writes_pictures(quick_run):
     pictures = sorted((out / "pictures").glob("sample_*.png"))
     assert [p.name for p in pictures] == ["sample_0.png", "sample_1.png", "sample_2.png"]
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pictures)
+
+
+def test_resume_true_or_last_picks_the_newest_complete_checkpoint(tmp_path):
+    from types import SimpleNamespace
+
+    train = _train_module()
+    for step in (4, 12, 8):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    (tmp_path / "_tmp-checkpoints" / "checkpoint-16").mkdir(parents=True)  # a killed save: never picked
+    for value in ("True", "last"):
+        args = SimpleNamespace(resume_from_checkpoint=value, output_dir=str(tmp_path))
+        assert train.resume_checkpoint(args) == str(tmp_path / "checkpoint-12")
+    explicit = SimpleNamespace(resume_from_checkpoint=str(tmp_path / "checkpoint-4"), output_dir=str(tmp_path))
+    assert train.resume_checkpoint(explicit) == str(tmp_path / "checkpoint-4")
+    assert train.resume_checkpoint(SimpleNamespace(resume_from_checkpoint=None, output_dir=str(tmp_path))) is None
+    empty = SimpleNamespace(resume_from_checkpoint="last", output_dir=str(tmp_path / "nothing"))
+    with pytest.raises(FileNotFoundError, match="no checkpoint-N folder"):
+        train.resume_checkpoint(empty)
