@@ -59,8 +59,8 @@ class DataArguments:
     skip_bad_rows: bool = False
     n_train: int = 6000
     n_test: int = 300
-    task_kwargs: str = field(default="{}", metadata={"help": "JSON options of the synthetic task, e.g. "
-                                                             "'{\"grid\": 3, \"mc_prob\": 0.0}'."})
+    task_kwargs: str = field(default="{}", metadata={"help": "JSON options of the synthetic task (make_sample keywords), "
+                                                             "e.g. '{\"grid\": 4, \"mc_prob\": 0.0}'."})
     seed_data: int = 0
 
 
@@ -70,10 +70,15 @@ class RunArguments:
     evaluate_after: bool = field(default=True, metadata={"help": "Evaluate No-CoT / CoT / latent after training."})
 
 
+# rope_theta 100 with mrope_section [4, 6, 6]: with Qwen2-VL's defaults (1e4, [6, 5, 5] at head_dim 32) the
+# row and column sections get rotary frequencies below 0.03 rad per position, too slow to tell neighbouring cells
+# apart; these give the (row, column) sections 0.32-0.013 rad.
 EMBEDDED_SIZES = TinySizes(
     hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-    mrope_section=[6, 5, 5], vision_depth=2, vision_embed_dim=128, vision_heads=4, vision_mlp_ratio=2,
+    mrope_section=[4, 6, 6], rope_theta=100.0, vision_depth=2, vision_embed_dim=128, vision_heads=4,
+    vision_mlp_ratio=2,
 )
+
 EMBEDDED_VEDAS = {"num_replay_tokens": 4, "routing_topk": 0.25, "crop_resolution": 84, "window_size": 3,
                   "num_latent_steps": 4}
 EMBEDDED_TRAINING = dict(
@@ -121,12 +126,17 @@ def prepare_model(model_args, training_args, embedded, quick):
     return model.train(), processor
 
 
+def task_kwargs(data_args) -> dict:
+    """Options of the synthetic task (`make_sample`'s defaults are the embedded task)."""
+    return json.loads(data_args.task_kwargs)
+
+
 def load_training_data(data_args, quick):
     if data_args.dataset == "synthetic":
         from vedas_trainer.synthetic import build_synthetic_dataset
 
         n = min(256, data_args.n_train) if quick else data_args.n_train  # --quick caps, a smaller --n_train wins
-        return build_synthetic_dataset(n, seed=data_args.seed_data, split="train", **json.loads(data_args.task_kwargs))
+        return build_synthetic_dataset(n, seed=data_args.seed_data, split="train", **task_kwargs(data_args))
     from vedas_trainer.data import load_vedas_dataset
 
     return load_vedas_dataset(data_args.dataset, data_args.dataset_format, split="train",
@@ -286,7 +296,7 @@ def main():
         from vedas_trainer.synthetic import build_synthetic_dataset
 
         test = build_synthetic_dataset(16 if quick else data_args.n_test, seed=data_args.seed_data, split="test",
-                                       **json.loads(data_args.task_kwargs))
+                                       **task_kwargs(data_args))
         test_samples = [test[i] for i in range(len(test))]
     callbacks = [WarmupEvalCallback(processor, test_samples, warmup)] if test_samples and not model_args.lora else []
     # the curriculum callback is added by VedasTrainer from the arguments
@@ -335,7 +345,7 @@ def main():
 
             report["pictures"] = [str(p) for p in visualize(
                 final_dir, [0, 1, 2], out / "pictures", n_test=len(test_samples), seed=data_args.seed_data,
-                task_kwargs=json.loads(data_args.task_kwargs))]
+                task_kwargs=task_kwargs(data_args))]
         report["wall_seconds"] = time.time() - started
         (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
         logger.info("Checkpoint: %s; loss curve: %s", final_dir, curve)

@@ -224,18 +224,18 @@ def _make_distractors(rng: random.Random, grid: int, prob: float) -> list[dict[s
 
 def make_sample(
     seed_or_rng: int | str | random.Random,
-    grid: int = 4,
+    grid: int = 3,
     n_moves: int | Sequence[int] = (2, 3),
     n_colours: int = 4,
     form: str | None = None,
-    mc_prob: float = 0.5,
+    mc_prob: float = 0.2,
     n_options: int = 4,
-    distractor_prob: float = 0.1,
+    distractor_prob: float = 0.05,
     arrow_sizes: Sequence[int] = (6, 7, 8),
     coordinate_tints: bool = True,
     sample_id: str | None = None,
 ) -> dict[str, Any]:
-    """Draw one sample of the "follow the arrows" task.
+    """Draw one sample of the "follow the arrows" task. The defaults are the embedded default run's task.
 
     Args:
         seed_or_rng: an int/str seed or a ``random.Random`` (which is advanced).
