@@ -26,8 +26,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--n", type=int, default=8, help="number of samples")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--grid", type=int, default=4)
-    parser.add_argument("--distractor-prob", type=float, default=0.1)
+    parser.add_argument("--grid", type=int, default=3)
+    parser.add_argument("--distractor-prob", type=float, default=0.05)
     args = parser.parse_args()
 
     cols = min(4, args.n)
