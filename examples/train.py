@@ -57,7 +57,7 @@ class DataArguments:
     image_root: str | None = None
     eval_dataset: str | None = None
     skip_bad_rows: bool = False
-    n_train: int = 6000
+    n_train: int = 3200
     n_test: int = 300
     task_kwargs: str = field(default="{}", metadata={"help": "JSON options of the synthetic task (make_sample keywords), "
                                                              "e.g. '{\"grid\": 4, \"mc_prob\": 0.0}'."})
@@ -70,19 +70,15 @@ class RunArguments:
     evaluate_after: bool = field(default=True, metadata={"help": "Evaluate No-CoT / CoT / latent after training."})
 
 
-# rope_theta 100 with mrope_section [4, 6, 6]: with Qwen2-VL's defaults (1e4, [6, 5, 5] at head_dim 32) the
-# row and column sections get rotary frequencies below 0.03 rad per position, too slow to tell neighbouring cells
-# apart; these give the (row, column) sections 0.32-0.013 rad.
 EMBEDDED_SIZES = TinySizes(
     hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-    mrope_section=[4, 6, 6], rope_theta=100.0, vision_depth=2, vision_embed_dim=128, vision_heads=4,
-    vision_mlp_ratio=2,
+    mrope_section=[6, 5, 5], vision_depth=2, vision_embed_dim=128, vision_heads=4, vision_mlp_ratio=2,
 )
-
-EMBEDDED_VEDAS = {"num_replay_tokens": 4, "routing_topk": 0.25, "crop_resolution": 84, "window_size": 3,
+EMBEDDED_VEDAS = {"num_replay_tokens": 2, "routing_topk": 0.25, "crop_resolution": 56, "window_size": 2,
                   "num_latent_steps": 4}
 EMBEDDED_TRAINING = dict(
-    epochs_per_stage=1, cot_warmup_epochs=8, max_latent_stage=4, learning_rate=2e-3, adam_beta2=0.98, weight_decay=0.05, warmup_steps=100, lr_scheduler_type="cosine",
+    epochs_per_stage=1, cot_warmup_epochs=12, max_latent_stage=4, learning_rate=2e-3, adam_beta2=0.98,
+    weight_decay=0.05, warmup_steps=100, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
     max_grad_norm=1.0, per_device_train_batch_size=32, logging_steps=10, save_strategy="epoch", save_total_limit=2,
     report_to="none", dataloader_num_workers=0, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
 )
@@ -98,7 +94,7 @@ def parse_args():
         defaults = []
         for key, value in EMBEDDED_TRAINING.items():
             if f"--{key}" not in argv:
-                defaults += [f"--{key}", str(value)]
+                defaults += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
         argv = defaults + argv
     model_args, data_args, run_args, training_args = parser.parse_args_into_dataclasses(argv)
     return model_args, data_args, run_args, training_args, embedded

@@ -114,36 +114,52 @@ def test_images_decode_with_scene_colours(splits):
     for sample in splits["test"].select(range(20)):
         (image,) = sample["images"]
         grid = sample["scene"]["grid_size"]
+        assert sample["scene"]["style"] == "tiles"
         assert image.mode == "RGB" and image.size == (grid * CELL_PX, grid * CELL_PX)
         for r in range(grid):
             for c in range(grid):
+                # the tile's colour, a few pixels inside its top-left corner (past the grid line, the start border
+                # and any distractor, before the arrow); the arrow at the centre is pale
+                expected = COLOURS[sample["scene"]["cells"][r][c][0]]
+                assert image.getpixel((c * CELL_PX + 4, r * CELL_PX + 4)) == expected, (sample["id"], r, c)
                 cy, cx = r * CELL_PX + CELL_PX // 2, c * CELL_PX + CELL_PX // 2
                 region = [image.getpixel((cx + dx, cy + dy)) for dx in (-1, 0) for dy in (-1, 0)]
-                expected = COLOURS[sample["scene"]["cells"][r][c][0]]
-                assert all(pixel == expected for pixel in region), (sample["id"], r, c, region)
+                assert all(pixel == (255, 255, 255) for pixel in region), (sample["id"], r, c, region)
         # The start cell's thick border is black (a quarter down its left edge: distractors sit
         # on cell corners and edge midpoints only).
         sr, sc = sample["scene"]["start"]
         assert image.getpixel((sc * CELL_PX + 1, sr * CELL_PX + CELL_PX // 4)) == (0, 0, 0)
 
 
+def test_arrows_style_draws_coloured_arrows_on_pale_cells():
+    sample = make_sample(3, style="arrows", distractor_prob=0.0)
+    image, grid = sample["images"][0], sample["scene"]["grid_size"]
+    for r in range(grid):
+        for c in range(grid):
+            assert image.getpixel((c * CELL_PX + 13, r * CELL_PX + 13)) == COLOURS[sample["scene"]["cells"][r][c][0]]
+            assert image.getpixel((c * CELL_PX + 4, r * CELL_PX + 4)) == (255, 255, 255)
+    with pytest.raises(ValueError, match="style must be 'tiles' or 'arrows', got 'dots'"):
+        make_sample(3, style="dots")
+
+
 @pytest.mark.parametrize("grid", [3, 4, 9])
-def test_coordinate_tints_encode_row_and_column(grid):
-    sample = make_sample(5, grid=grid, distractor_prob=0.0)
+@pytest.mark.parametrize("style", ["tiles", "arrows"])
+def test_coordinate_tints_encode_row_and_column(grid, style):
+    sample = make_sample(5, grid=grid, distractor_prob=0.0, style=style, coordinate_tints=True)
     image = sample["images"][0]
     tints = set()
     for r in range(grid):
         for c in range(grid):
-            # a few pixels inside the cell's top-left corner: past the grid line (and the start border), before the arrow
-            tint = image.getpixel((c * CELL_PX + 4, r * CELL_PX + 4))
+            # the pale part: the arrow's centre for tiles, the cell's background for arrows
+            x, y = (c * CELL_PX + 13, r * CELL_PX + 13) if style == "tiles" else (c * CELL_PX + 4, r * CELL_PX + 4)
+            tint = image.getpixel((x, y))
             assert tint == cell_tint(r, c, grid), (r, c, tint)
-            # pale: every arrow colour has a channel <= 60, every tint has all channels >= 171
+            # pale: every colour has a channel <= 60, every tint has all channels >= 171
             assert min(tint) >= 171 and all(min(colour) <= 60 for colour in COLOURS.values())
             tints.add(tint)
-    assert len(tints) == grid * grid  # every cell is identifiable by its background alone
-    plain = make_sample(5, grid=grid, distractor_prob=0.0, coordinate_tints=False)["images"][0]
-    assert plain.getpixel((4, 4)) == (255, 255, 255)
-    assert plain.getpixel((CELL_PX * (grid - 1) + 4, 4)) == (255, 255, 255)
+    assert len(tints) == grid * grid  # every cell is identifiable by its tint alone
+    plain = make_sample(5, grid=grid, distractor_prob=0.0, style=style)["images"][0]
+    assert plain.getpixel((13, 13) if style == "tiles" else (4, 4)) == (255, 255, 255)
 
 
 def test_distractors_do_not_change_the_answer():
@@ -151,11 +167,15 @@ def test_distractors_do_not_change_the_answer():
     cluttered = make_sample(11, distractor_prob=1.0)
     assert cluttered["scene"]["distractors"] and not clean["scene"]["distractors"]
     assert clean["answer"] == cluttered["answer"] and clean["steps"] == cluttered["steps"]
-    # Arrows are untouched: every cell centre keeps its colour.
-    image = cluttered["images"][0]
+    # The images differ only inside the distractors' boxes, which never reach a cell's centre (its arrow).
+    a, b = clean["images"][0], cluttered["images"][0]
+    boxes = [(d["x"] - d["radius"], d["y"] - d["radius"], d["x"] + d["radius"], d["y"] + d["radius"])
+             for d in cluttered["scene"]["distractors"]]
+    changed = [(x, y) for x in range(a.width) for y in range(a.height) if a.getpixel((x, y)) != b.getpixel((x, y))]
+    assert changed and all(any(x0 <= x <= x1 and y0 <= y <= y1 for x0, y0, x1, y1 in boxes) for x, y in changed)
     for r, row in enumerate(cluttered["scene"]["cells"]):
         for c, (colour, _) in enumerate(row):
-            assert image.getpixel((c * CELL_PX + 13, r * CELL_PX + 13)) == COLOURS[colour]
+            assert b.getpixel((c * CELL_PX + 13, r * CELL_PX + 13)) == (255, 255, 255)
 
 
 @pytest.mark.parametrize("grid,n_moves", [(3, 3), (5, (1, 3)), (4, 2)])

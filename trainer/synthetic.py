@@ -4,8 +4,11 @@ Each image is an N x N grid of 28 px cells. With Qwen2-VL's 14 px patches and 2 
 is exactly one merged visual token, so reading a cell is close to a lookup and a ~2 M parameter
 model can learn the task on CPU in minutes (an earlier feasibility experiment showed this for a 3x3 grid).
 
-Every cell holds a small filled triangle ("arrow") with a colour, a direction and a size. One cell,
-the start, has a thick black border. The question asks for the colour of the arrow reached after
+Every cell has a colour and holds a triangle ("arrow") with a direction and a size. By default (``style="tiles"``)
+the colour fills the cell and the arrow is pale; ``style="arrows"`` draws a small coloured arrow on a pale cell
+instead, which a tiny vision tower learns to read much more slowly (after 400 steps at batch 32 the tiles model
+named the start cell's colour right 100/100 times, the arrows model 21/100). One cell, the start, has a thick
+black border. The question asks for the colour of the arrow reached after
 following ``n_moves`` arrows from the start, either as a short answer (a colour word) or as multiple
 choice (the answer is an option letter). The question text never lists the options: the shared prompt builder
 (:mod:`vedas_trainer.prompting`) appends them from ``choices``, in training and at test time alike.
@@ -151,7 +154,7 @@ def _triangle(cx: float, cy: float, half: int, direction: str) -> list[tuple[flo
 
 
 def cell_tint(row: int, col: int, grid: int) -> tuple[int, int, int]:
-    """The background colour of cell (row, col) (0-based) of a ``grid`` x ``grid`` board with coordinate tints."""
+    """The pale colour of cell (row, col) (0-based) of a ``grid`` x ``grid`` board with coordinate tints."""
     step = TINT_RANGE / (grid - 1)
     return (255 - round(step * row), 255 - round(step * col), 235)
 
@@ -159,20 +162,23 @@ def cell_tint(row: int, col: int, grid: int) -> tuple[int, int, int]:
 def _render(scene: dict[str, Any]) -> Image.Image:
     grid = scene["grid_size"]
     tinted = scene.get("coordinate_tints", False)
+    tiles = scene.get("style", "arrows") == "tiles"
     size = grid * CELL_PX
     image = Image.new("RGB", (size, size), BACKGROUND)
     draw = ImageDraw.Draw(image)
     for row in range(grid):
         for col in range(grid):
             x0, y0 = col * CELL_PX, row * CELL_PX
-            # Thin grid lines help locate cells but stay well away from the arrow colours.
-            fill = cell_tint(row, col, grid) if tinted else None
-            draw.rectangle([x0, y0, x0 + CELL_PX - 1, y0 + CELL_PX - 1], fill=fill, outline=GRID_LINE, width=1)
             colour, direction = scene["cells"][row][col]
+            tint = cell_tint(row, col, grid) if tinted else BACKGROUND
+            # "tiles": the colour fills the cell and the arrow is pale; "arrows": a coloured arrow on a pale cell.
+            # Thin grid lines help locate cells but stay well away from the colours.
+            background, arrow = (COLOURS[colour], tint) if tiles else (tint, COLOURS[colour])
+            draw.rectangle([x0, y0, x0 + CELL_PX - 1, y0 + CELL_PX - 1], fill=background, outline=GRID_LINE, width=1)
             half = scene["sizes"][row][col]
             # Centre of the cell in pixel coordinates (pixels x0..x0+27, centre between 13 and 14).
             cx, cy = x0 + (CELL_PX - 1) / 2, y0 + (CELL_PX - 1) / 2
-            draw.polygon(_triangle(cx, cy, half, direction), fill=COLOURS[colour])
+            draw.polygon(_triangle(cx, cy, half, direction), fill=arrow)
     # The start marker is drawn after the grid lines so that it is never overdrawn by them.
     s_row, s_col = scene["start"]
     x0, y0 = s_col * CELL_PX, s_row * CELL_PX
@@ -232,7 +238,8 @@ def make_sample(
     n_options: int = 4,
     distractor_prob: float = 0.05,
     arrow_sizes: Sequence[int] = (6, 7, 8),
-    coordinate_tints: bool = True,
+    style: str = "tiles",
+    coordinate_tints: bool = False,
     sample_id: str | None = None,
 ) -> dict[str, Any]:
     """Draw one sample of the "follow the arrows" task. The defaults are the embedded default run's task.
@@ -247,8 +254,10 @@ def make_sample(
             answer and are shuffled, so the letter has to be read from the question.
         distractor_prob: expected fraction of cells that add a small distractor shape.
         arrow_sizes: possible half-sizes (px) of an arrow's bounding box; each cell draws one.
-        coordinate_tints: tint each cell's background by its (row, column) (:func:`cell_tint`), so that a cell
-            named in the text can be found by its content.
+        style: ``"tiles"`` (the colour fills the cell, the arrow is pale: a tiny vision tower learns to read
+            colours several times faster) or ``"arrows"`` (a small coloured arrow on a pale cell).
+        coordinate_tints: tint each cell's pale part (background or arrow) by its (row, column)
+            (:func:`cell_tint`), so that a cell named in the text can be found by its content.
         sample_id: the ``id`` field; defaults to one derived from the seed when it is an int/str.
 
     Returns:
@@ -260,6 +269,8 @@ def make_sample(
         raise ValueError(f"grid must be in [2, {MAX_GRID}], got {grid}")
     if not 2 <= n_colours <= len(COLOURS):
         raise ValueError(f"n_colours must be in [2, {len(COLOURS)}], got {n_colours}")
+    if style not in ("tiles", "arrows"):
+        raise ValueError(f"style must be 'tiles' or 'arrows', got {style!r}")
     if form not in (None, "short", "mc"):
         raise ValueError(f"form must be None, 'short' or 'mc', got {form!r}")
     if max(arrow_sizes) > CELL_PX // 2 - 5 or min(arrow_sizes) < 3:
@@ -302,6 +313,7 @@ def make_sample(
         "start": start,
         "path": path,
         "distractors": _make_distractors(rng, grid, distractor_prob),
+        "style": style,
         "coordinate_tints": bool(coordinate_tints),
     }
     question_kwargs = {"n_moves": moves, "form": form, "choices": choices}
@@ -389,6 +401,7 @@ def synthetic_features() -> datasets.Features:
                 "distractors": List(
                     {"x": int32, "y": int32, "radius": int32, "shape": string, "colour": string}
                 ),
+                "style": string,
                 "coordinate_tints": datasets.Value("bool"),
             },
             "question_kwargs": {"n_moves": int32, "form": string, "choices": List(string)},
