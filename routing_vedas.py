@@ -154,7 +154,7 @@ class VedasDecoderLayerMixin:
             self.routing_topk = vedas_config.routing_topk_for_layer(layer_idx)
             self.max_depth = vedas_config.max_depth
             self.routing_positions = vedas_config.routing_positions
-            self.depth_router = nn.Linear(config.hidden_size, 1)
+            self.depth_router = DepthRouter(config.hidden_size)
             self.depth_step_embed = DepthStepEmbedding(vedas_config.max_depth, config.hidden_size)
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
@@ -197,14 +197,22 @@ class VedasDecoderLayerMixin:
             keys = _rotate(keys, *position_embeddings)
         query = _rotate(query, cos, sin)
         keys = keys.repeat_interleave(attn.num_key_value_groups, dim=1)
-        logits = (query.float() @ keys.float().transpose(-1, -2)).squeeze(2) * attn.scaling  # (b, heads, n)
-        logits = logits.masked_fill(~state.key_valid[:, None, : logits.shape[-1]], float("-inf"))
-        row = logits.softmax(-1).mean(1)  # (b, n)
+        # q·k and the softmax in fp32 even under autocast (which would run the matmul in bf16/fp16): over thousands
+        # of keys the row's probabilities are ~1e-4 each, and their differences decide which tokens are replayed
+        with fp32_region(hidden_states.device):
+            logits = (query.float() @ keys.float().transpose(-1, -2)).squeeze(2) * attn.scaling  # (b, heads, n)
+            logits = logits.masked_fill(~state.key_valid[:, None, : logits.shape[-1]], float("-inf"))
+            row = logits.softmax(-1).mean(1)  # (b, n)
         row = row.gather(1, state.saliency_columns).masked_fill(~state.saliency_valid, 0.0)
         state.saliency_sum = row if state.saliency_sum is None else state.saliency_sum + row
         state.saliency_layers += 1
 
     # ----------------------------------------------------------------- routing
+    def router_scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The router gates s = sigmoid(w·h + b) of `(batch, l, hidden)` states: `(batch, l)` float32 (see
+        :class:`DepthRouter`)."""
+        return torch.sigmoid(self.depth_router(hidden_states)).squeeze(-1)
+
     def _alpha(self, state: VedasForwardState) -> torch.Tensor:
         """α per sample: a count, or a fraction of the prompt length (at least one token)."""
         if isinstance(self.routing_topk, float):
@@ -214,7 +222,7 @@ class VedasDecoderLayerMixin:
     def _route(self, hidden_states, depth, position_embeddings, past_key_values, state: VedasForwardState):
         key = (self.layer_idx, depth)
         cache = past_key_values if isinstance(past_key_values, VedasCache) else None
-        scores = torch.sigmoid(self.depth_router(hidden_states).float()).squeeze(-1)  # (b, l), fp32
+        scores = self.router_scores(hidden_states)  # (b, l), fp32
         valid = state.token_valid
         if state.routing_mode == "global":
             selected, threshold = _top_alpha(scores, valid, self._alpha(state))
@@ -283,6 +291,32 @@ def _rotate(x, cos, sin):
     cos/sin are (batch, seq, head_dim)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return x * cos + rotate_half(x) * sin
+
+
+def fp32_region(device: torch.device):
+    """A block where autocast is off, so that float32 operands stay float32 (autocast runs matmul and linear in
+    bf16/fp16 whatever their input dtype). Devices without autocast support have nothing to turn off."""
+    device_type = device.type if torch.amp.is_autocast_available(device.type) else "cpu"
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+class DepthRouter(nn.Linear):
+    """The router of a routing layer: one logit w·h + b per token, `(batch, l, hidden)` -> `(batch, l, 1)` float32.
+
+    The logit is computed from float32 copies of the input and weights, with autocast off: in bf16 a logit near 6
+    is rounded to a multiple of 1/32 (8 significant bits), and in fp16 the dot product over the hidden size
+    overflows on large activations. The gates are compared with a per-layer threshold and multiply the update, so they must
+    not depend on the model's storage dtype. The parameters stay `weight` (1, hidden) and `bias` (1,), in the
+    model's dtype; only the computation is float32. Calling the module (rather than reading its weight elsewhere)
+    keeps parameter hooks such as DeepSpeed ZeRO-3 gathering working.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__(hidden_size, 1)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        with fp32_region(hidden_states.device):
+            return nn.functional.linear(hidden_states.float(), self.weight.float(), self.bias.float())
 
 
 class DepthStepEmbedding(nn.Module):
