@@ -149,6 +149,12 @@ class VedasMixin:
             embeds = embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
         return embeds
 
+    @property
+    def _global_routing(self) -> bool:
+        """Whether routing re-selects over the whole sequence at every forward (`routing="global"` with at least one
+        routing layer), which rules out a KV cache. Without routing layers the mode changes nothing."""
+        return self.config.routing == "global" and bool(self.config.routing_layers)
+
     def _check_cache(self, past_key_values):
         if past_key_values is None:
             return
@@ -157,7 +163,7 @@ class VedasMixin:
                 f"Vedas routing layers keep their own keys and thresholds: pass a `VedasCache`, not "
                 f"{type(past_key_values).__name__}."
             )
-        if self.config.routing == "global" and self.config.routing_layers and past_key_values.get_seq_length() > 0:
+        if self._global_routing and past_key_values.get_seq_length() > 0:
             raise ValueError(
                 "routing='global' re-selects top-α over the whole sequence at every step, so a KV cache would give "
                 "wrong numbers. Call with use_cache=False (generate does this for you)."
@@ -181,6 +187,7 @@ class VedasMixin:
         num_replay_tokens: int | None = None,
         output_latent_trace: bool = False,
         output_router_scores: bool = False,
+        routing_prompt_length: int | None = None,
         **kwargs,
     ) -> VedasCausalLMOutput:
         r"""
@@ -199,6 +206,10 @@ class VedasMixin:
             `(batch, K)` (index among the sample's visual tokens, -1 where nothing was left), `replay_weights`
             `(batch, K)`, `crop_window` (per sample `(image, row0, row1, col0, col1)` or None) and `router_scores`
             (per `(layer, depth)`: `(batch, tokens of that pass)` scores and selection).
+        routing_prompt_length (`int`, *optional*): in a plain (not latent) forward, the routing prompt ends at the
+            latest after the first `routing_prompt_length` columns of the sequence (cache included). `generate` passes the prompt's width when
+            it recomputes the sequence without a cache, so that the tokens it generated are compared with the
+            prompt's thresholds, as on the cache, instead of joining the prompt's top-α.
         """
         if inputs_embeds is not None:
             raise ValueError("Vedas builds its own input embeddings (latents and replay); pass input_ids.")
@@ -229,8 +240,9 @@ class VedasMixin:
         token_valid = (
             attention_mask[:, -length:].bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         )
-        state = self._routing_state(token_valid, self._prompt_mask(input_ids, labels, token_valid),
-                                    record_scores=output_router_scores)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        prompt_mask = self._prompt_mask(input_ids, labels, token_valid, routing_prompt_length, past_length)
+        state = self._routing_state(token_valid, prompt_mask, record_scores=output_router_scores)
         outputs = self.model.language_model(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, use_cache=use_cache, vedas_state=state,
@@ -247,9 +259,10 @@ class VedasMixin:
             router_stats=state.router_stats, latent_trace=trace,
         )
 
-    def _prompt_mask(self, input_ids, labels, token_valid):
-        """The routing prompt: columns before the first `<|start_latent|>`, else before the first supervised token,
-        else everything."""
+    def _prompt_mask(self, input_ids, labels, token_valid, prompt_length=None, past_length=0):
+        """The routing prompt, `(batch, l)` bool over this forward's columns: the columns before the first
+        `<|start_latent|>`, else before the first supervised token, else everything; and never past the first
+        `prompt_length` columns of the sequence (`past_length` columns are in the cache)."""
         length = input_ids.shape[1]
         columns = torch.arange(length, device=input_ids.device)[None]
         end = torch.full((input_ids.shape[0],), length, device=input_ids.device)
@@ -259,6 +272,8 @@ class VedasMixin:
         if self.config.start_latent_token_id is not None:
             marker = input_ids == self.config.start_latent_token_id
             end = torch.where(marker.any(-1), marker.int().argmax(-1), end)
+        if prompt_length is not None:
+            end = end.clamp(max=max(prompt_length - past_length, 0))
         return (columns < end[:, None]) & token_valid
 
     # ----------------------------------------------------------- latent layout
@@ -427,17 +442,20 @@ class VedasMixin:
         vis_features = embeds.gather(1, vis_columns.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
         vis_positions = positions.gather(2, vis_columns[None].expand(3, -1, -1))
         visited = torch.zeros_like(vis_valid)
-        if replay_on and int(vis_valid.sum(-1).min()) < num_replay * layout.num_steps:
+        visual_counts = vis_valid.sum(-1)
+        visual_counts = visual_counts[visual_counts > 0]  # samples without an image replay nothing at all
+        if replay_on and int(visual_counts.min()) < num_replay * layout.num_steps:
             self._warn_once(
                 "few-visual",
                 f"K x T = {num_replay} x {layout.num_steps} exceeds the visual tokens of some sample "
-                f"({int(vis_valid.sum(-1).min())}): the last steps replay what remains.",
+                f"({int(visual_counts.min())}): the last steps replay what remains.",
             )
 
         # A KV cache carries the passes; without one (use_cache=False, or gradient checkpointing, which drops
         # caches inside layers) every pass recomputes the prefix. Both give the same numbers.
         checkpointing = self.model.language_model.gradient_checkpointing and self.training
-        cached = use_cache is not False and not checkpointing and cfg.routing == "causal"
+        # (the same rule as `generate`'s: it hands the cache to the answer loop, which must find it filled)
+        cached = use_cache is not False and not checkpointing and not self._global_routing
         cache = (past_key_values or VedasCache(config=cfg.text_config)) if cached else None
         prompt_mask = self._prompt_mask(input_ids, None, mask.bool())
         prompt_lengths = prompt_mask.sum(-1)
@@ -514,6 +532,18 @@ class VedasMixin:
                             if window is not None:
                                 recon_requests.append(((t, row), (row, window)))
                                 recon_preds.append(mean_replay[row])
+            elif slots > 0:
+                # No image in the whole batch: the slots are masked out, like the unused slots of a sample whose
+                # visual tokens ran out (or that has none, in a batch with images), so that a prompt without an
+                # image computes the same alone as in any batch.
+                columns = list(layout.replay_columns(t))
+                mask[:, columns] = torch.where(rows[:, None], 0, mask[:, columns])
+                if output_latent_trace:  # the same trace fields as with images: nothing selected
+                    step_trace.update(
+                        replay_indices=torch.full((batch, num_replay), -1, dtype=torch.long, device=input_ids.device),
+                        replay_weights=torch.zeros(batch, num_replay, device=input_ids.device),
+                        crop_window=[None] * batch,
+                    )
             embeds = torch.where(fill.unsqueeze(-1), new_embeds, embeds)
             trace.append(step_trace)
 
@@ -595,12 +625,14 @@ class VedasMixin:
         cfg = self.config
         steps = cfg.num_latent_steps if num_latent_steps is None else num_latent_steps
         use_cache = kwargs.pop("use_cache", True)
-        if cfg.routing == "global" and cfg.routing_layers:
+        if self._global_routing:
             use_cache = False
         image_kwargs = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
         if steps == 0:
             if use_cache:
                 kwargs.setdefault("past_key_values", VedasCache(config=cfg.text_config))
+            else:  # each step recomputes the sequence: the generated tokens must not join the routing prompt
+                kwargs.setdefault("routing_prompt_length", input_ids.shape[1])
             return super().generate(
                 input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
                 use_cache=use_cache, **image_kwargs, **kwargs,
@@ -624,6 +656,13 @@ class VedasMixin:
                 input_ids=full_ids, attention_mask=full_mask, mm_token_type_ids=layout_types, use_cache=False,
                 num_replay_tokens=num_replay, **image_kwargs, **kwargs,
             )
+            if output_latent_trace and return_dict:
+                # the HF loop keeps no per-forward outputs; the latent steps are the same in every recomputation
+                # (they never see the answer), so one more latent forward gives the trace the cached path returns
+                trace = self._latent_forward(
+                    full_ids, full_mask, pixel_values, image_grid_thw, layout_types, None, num_replay_tokens=num_replay,
+                    use_cache=False, output_latent_trace=True, return_hidden_only=True,
+                )[4]
         else:
             full_mask = torch.cat([layout_mask, torch.ones_like(end)], dim=1)
             hidden, cache, positions, mask, trace = self._latent_forward(
