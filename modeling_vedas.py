@@ -207,9 +207,9 @@ class VedasMixin:
             `(batch, K)`, `crop_window` (per sample `(image, row0, row1, col0, col1)` or None) and `router_scores`
             (per `(layer, depth)`: `(batch, tokens of that pass)` scores and selection).
         routing_prompt_length (`int`, *optional*): in a plain (not latent) forward, the routing prompt ends at the
-            latest after the first `routing_prompt_length` columns of the sequence (cache included). `generate` passes the prompt's width when
-            it recomputes the sequence without a cache, so that the tokens it generated are compared with the
-            prompt's thresholds, as on the cache, instead of joining the prompt's top-α.
+            latest after the first `routing_prompt_length` columns of the sequence (cache included). `generate`
+            passes the prompt's width when it recomputes the sequence without a cache, so that the tokens it
+            generated are compared with the prompt's thresholds, as on the cache, instead of joining its top-α.
         """
         if inputs_embeds is not None:
             raise ValueError("Vedas builds its own input embeddings (latents and replay); pass input_ids.")
@@ -660,8 +660,8 @@ class VedasMixin:
                 # the HF loop keeps no per-forward outputs; the latent steps are the same in every recomputation
                 # (they never see the answer), so one more latent forward gives the trace the cached path returns
                 trace = self._latent_forward(
-                    full_ids, full_mask, pixel_values, image_grid_thw, layout_types, None, num_replay_tokens=num_replay,
-                    use_cache=False, output_latent_trace=True, return_hidden_only=True,
+                    full_ids, full_mask, pixel_values, image_grid_thw, layout_types, None,
+                    num_replay_tokens=num_replay, use_cache=False, output_latent_trace=True, return_hidden_only=True,
                 )[4]
         else:
             full_mask = torch.cat([layout_mask, torch.ones_like(end)], dim=1)

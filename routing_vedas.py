@@ -305,10 +305,10 @@ class DepthRouter(nn.Linear):
 
     The logit is computed from float32 copies of the input and weights, with autocast off: in bf16 a logit near 6
     is rounded to a multiple of 1/32 (8 significant bits), and in fp16 the dot product over the hidden size
-    overflows on large activations. The gates are compared with a per-layer threshold and multiply the update, so they must
-    not depend on the model's storage dtype. The parameters stay `weight` (1, hidden) and `bias` (1,), in the
-    model's dtype; only the computation is float32. Calling the module (rather than reading its weight elsewhere)
-    keeps parameter hooks such as DeepSpeed ZeRO-3 gathering working.
+    overflows on large activations. The gates are compared with a per-layer threshold and multiply the update, so
+    they must not depend on the model's storage dtype. The parameters stay `weight` (1, hidden) and `bias` (1,), in
+    the model's dtype; only the computation is float32. Calling the module (rather than reading its weight
+    elsewhere) keeps parameter hooks such as DeepSpeed ZeRO-3 gathering working.
     """
 
     def __init__(self, hidden_size: int):
