@@ -204,8 +204,9 @@ class VedasMixin:
         num_replay_tokens (`int`, *optional*): K for this call (defaults to `config.num_replay_tokens`).
         output_latent_trace (`bool`): return `latent_trace`, a list over steps of dicts with `replay_indices`
             `(batch, K)` (index among the sample's visual tokens, -1 where nothing was left), `replay_weights`
-            `(batch, K)`, `crop_window` (per sample `(image, row0, row1, col0, col1)` or None) and `router_scores`
-            (per `(layer, depth)`: `(batch, tokens of that pass)` scores and selection).
+            `(batch, K)`, `saliency` `(batch, v)` float32 (the step's saliency of each visual token of the sample, 0
+            past its count), `crop_window` (per sample `(image, row0, row1, col0, col1)` or None) and
+            `router_scores` (per `(layer, depth)`: `(batch, tokens of that pass)` scores and selection).
         routing_prompt_length (`int`, *optional*): in a plain (not latent) forward, the routing prompt ends at the
             latest after the first `routing_prompt_length` columns of the sequence (cache included). `generate`
             passes the prompt's width when it recomputes the sequence without a cache, so that the tokens it
@@ -523,6 +524,7 @@ class VedasMixin:
                     step_trace.update(
                         replay_indices=selection.indices.masked_fill(~selection.valid, -1),
                         replay_weights=selection.weights.detach(),
+                        saliency=saliency.detach(),
                         crop_window=windows,
                     )
                     if compute_recon:
@@ -542,6 +544,7 @@ class VedasMixin:
                     step_trace.update(
                         replay_indices=torch.full((batch, num_replay), -1, dtype=torch.long, device=input_ids.device),
                         replay_weights=torch.zeros(batch, num_replay, device=input_ids.device),
+                        saliency=torch.zeros(batch, 0, device=input_ids.device),
                         crop_window=[None] * batch,
                     )
             embeds = torch.where(fill.unsqueeze(-1), new_embeds, embeds)
