@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, Phase, event, example, given, settings
+from hypothesis import HealthCheck, Phase, event, example, given, reject, settings
 from hypothesis import strategies as st
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
@@ -279,12 +279,19 @@ def greedy(model, inputs, case, **kwargs):
     )
 
 
-REPLAY_TRACE = ("replay_indices", "replay_weights", "crop_window")
+REPLAY_TRACE = ("replay_indices", "replay_weights", "saliency", "crop_window")
 
 
-def assert_same_trace(got, expected, row=None, exact=False):
-    """The latent traces replay the same tokens with the same crop windows, and weights within 1e-5 (or identical).
-    With `row`, row `row` of `got` (a batch) is compared with `expected` (one sample)."""
+def compare_traces(got, expected, row=None, exact=False) -> bool:
+    """Check that two runs' latent traces agree: the same saliency rows (to 1e-4, or identical with `exact`), replayed
+    tokens, crop windows and weights (to 1e-5). With `row`, row `row` of `got` (a batch) is compared with `expected`
+    (one sample).
+
+    Replay takes the top-K of the saliency, a discrete choice: two tokens whose saliency differs by a rounding error
+    (a flat image makes all visual tokens alike) may come out in either order when the runs round differently. Then
+    the picked tokens' saliencies must agree to 1e-6 relative in both runs (a tie, not a difference), the runs
+    legitimately part from there, and the function returns False. Otherwise it returns True.
+    """
     assert got is not None and expected is not None, "output_latent_trace=True must return a trace"
     assert len(got) == len(expected)
     for step, (g, e) in enumerate(zip(got, expected), start=1):
@@ -293,13 +300,38 @@ def assert_same_trace(got, expected, row=None, exact=False):
             continue
         if row is not None:  # tensors and lists alike: keep the batch axis
             g = {k: g[k][row : row + 1] for k in REPLAY_TRACE}
-        assert g["replay_indices"].tolist() == e["replay_indices"].tolist(), f"latent step {step}"
+        # saliency is (batch, v) over the batch's widest sample: compare the columns both have, the rest is padding
+        width = min(g["saliency"].shape[1], e["saliency"].shape[1])
+        for extra in (g["saliency"][:, width:], e["saliency"][:, width:]):
+            assert not extra.any(), f"latent step {step}: saliency past the sample's visual tokens"
+        g_saliency, e_saliency = g["saliency"][:, :width], e["saliency"][:, :width]
+        if exact:
+            assert torch.equal(g_saliency, e_saliency), f"latent step {step}"
+        else:
+            torch.testing.assert_close(g_saliency, e_saliency, atol=1e-7, rtol=1e-4,
+                                       msg=lambda m: f"latent step {step} saliency: {m}")
+        g_indices, e_indices = g["replay_indices"][0], e["replay_indices"][0]
+        if not exact and g_indices.tolist() != e_indices.tolist():
+            assert (g_indices >= 0).sum() == (e_indices >= 0).sum(), f"latent step {step}"
+            for saliency in (g_saliency[0], e_saliency[0]):
+                torch.testing.assert_close(
+                    saliency[g_indices[g_indices >= 0]], saliency[e_indices[e_indices >= 0]], rtol=1e-6, atol=0,
+                    msg=lambda m: f"latent step {step}: the runs replay different tokens that are not tied: {m}",
+                )
+            return False
+        assert g_indices.tolist() == e_indices.tolist(), f"latent step {step}"
         assert list(g["crop_window"]) == list(e["crop_window"]), f"latent step {step}"
         if exact:
             assert torch.equal(g["replay_weights"], e["replay_weights"]), f"latent step {step}"
         else:
             torch.testing.assert_close(g["replay_weights"], e["replay_weights"], atol=1e-5, rtol=1e-4,
                                        msg=lambda m: f"latent step {step}: {m}")
+    return True
+
+
+def reject_tie():
+    event("rejected: the runs part at a numerical tie in the replay choice")
+    reject()
 
 
 # ---------------------------------------------------------------------------------------------------- properties
@@ -325,6 +357,21 @@ ROUTING_PROMPT_WITHOUT_CACHE = Case(
     "qwen2_vl", {**NO_RDS, "routing_topk": [13, 1], "routing_layers": [0]}, [Sample("")],
     num_latent_steps=0, num_replay_tokens=0, max_new_tokens=2,
 )
+# A flat 448 x 448 image: replay step 2 picked token 179 in the batch and 210 alone, whose saliencies differ by
+# 2 ulp (3.0950862e-3 vs 3.0950857e-3 alone, equal in the batch). Not a model bug: the comparison now tells such ties
+# from differences (see compare_traces) using the saliency the trace reports.
+FLAT_IMAGE_TIE = Case(
+    "qwen2_vl",
+    {"routing_topk": 0.59375, "max_depth": 2, "routing": "global", "routing_positions": "original",
+     "routing_layers": [0, 1, 2, 3], "replay_positions": "original", "replay_mode": "soft_mix",
+     "replay_scale": "softmax"},
+    [Sample(""), Sample(
+        "right image where up ( step is option : cell row 4 move what the option where 2 question arrow step e "
+        "choices ' ? step 1 up answer 2 how right answer cell ( column 0 : option a",
+        (ImageSpec(27, 99, "blocks", 191), ImageSpec(448, 448, "flat", 235)),
+    )],
+    num_latent_steps=2, num_replay_tokens=5, max_new_tokens=1, perturb_seed=2,
+)
 # generate(use_cache=False, output_latent_trace=True) (and every generate in global mode) returned no latent trace.
 TRACE_WITHOUT_CACHE = Case(
     "qwen2_vl", {**NO_RDS, "routing_layers": [0, 2]}, [Sample("which arrow ?", (ImageSpec(112, 84, seed=3),))],
@@ -346,12 +393,12 @@ def test_cached_generation_equals_uncached(case):
     inputs = batch_inputs(processor, case.batch)
     cached = greedy(model, inputs, case)
     uncached = greedy(model, inputs, case, use_cache=False)
+    if case.num_latent_steps and not compare_traces(cached.latent_trace, uncached.latent_trace):
+        reject_tie()
     assert cached.sequences.tolist() == uncached.sequences.tolist()
     assert len(cached.scores) == len(uncached.scores)
     for step, (c, u) in enumerate(zip(cached.scores, uncached.scores)):
         torch.testing.assert_close(c, u, atol=1e-4, rtol=1e-4, msg=lambda m: f"answer token {step}: {m}")
-    if case.num_latent_steps:
-        assert_same_trace(cached.latent_trace, uncached.latent_trace)
 
 
 @pytest.mark.property
@@ -359,6 +406,7 @@ def test_cached_generation_equals_uncached(case):
 @given(case=cases(min_batch=2))
 @example(case=TEXT_ONLY_ROW_IN_IMAGE_BATCH)
 @example(case=GLOBAL_WITHOUT_ROUTING_LAYERS)
+@example(case=FLAT_IMAGE_TIE)  # may end in reject_tie(), see test_replay_ties_are_told_apart_from_differences
 def test_left_padded_batch_equals_singles(case):
     """Each row of a left-padded batch generates what the sample generates alone: the same prompt tokens, latent
     block and answer (a row that stops early is padded in the batch), scores within tolerance, the same replay."""
@@ -371,6 +419,8 @@ def test_left_padded_batch_equals_singles(case):
     for row, sample in enumerate(case.batch):
         single_inputs = batch_inputs(processor, [sample])
         single = greedy(model, single_inputs, case)
+        if case.num_latent_steps and not compare_traces(batch.latent_trace, single.latent_trace, row=row):
+            reject_tie()
         n = single_inputs["input_ids"].shape[1]
         assert inputs["input_ids"][row, width - n :].tolist() == single_inputs["input_ids"][0].tolist()
         assert not inputs["attention_mask"][row, : width - n].any()
@@ -381,8 +431,26 @@ def test_left_padded_batch_equals_singles(case):
         for step, score in enumerate(single.scores):
             torch.testing.assert_close(batch.scores[step][row], score[0], atol=1e-4, rtol=1e-4,
                                        msg=lambda m: f"row {row}, answer token {step}: {m}")
-        if case.num_latent_steps:
-            assert_same_trace(batch.latent_trace, single.latent_trace, row=row)
+
+
+def test_replay_ties_are_told_apart_from_differences():
+    """FLAT_IMAGE_TIE, from the 1000-case batch == singles run: at replay step 2 the 5th place is a tie to rounding
+    among the flat image's tokens, so the batch and the single run may replay different tokens (they did there).
+    `compare_traces` accepts that as a tie, and still fails on a real difference (another image)."""
+    case = FLAT_IMAGE_TIE
+    model, processor = vedas_model(case)
+    batch = greedy(model, batch_inputs(processor, case.batch), case)
+    single = greedy(model, batch_inputs(processor, case.batch[1:]), case)
+    step1, step2 = single.latent_trace
+    available = step2["saliency"][0].clone()
+    available[step1["replay_indices"][0]] = float("-inf")  # step 1's tokens are not replayed again
+    top = available.topk(case.num_replay_tokens + 1).values
+    assert top[-2] - top[-1] <= 1e-6 * top[-1], "the K-th and (K+1)-th candidates are tied"
+    compare_traces(batch.latent_trace, single.latent_trace, row=1)  # equal, or parted at that tie: no error
+    blocks = Sample(case.batch[1].question, (case.batch[1].images[0], ImageSpec(448, 448, "blocks", 235)))
+    other = greedy(model, batch_inputs(processor, [blocks]), case)
+    with pytest.raises(AssertionError, match="saliency"):
+        compare_traces(other.latent_trace, single.latent_trace)
 
 
 @pytest.mark.property
@@ -413,7 +481,7 @@ def test_save_then_load_equals_original(case):
     for new, old in zip(regenerated.scores, generated.scores, strict=True):
         torch.testing.assert_close(new, old, rtol=0, atol=0)
     if case.num_latent_steps:
-        assert_same_trace(regenerated.latent_trace, generated.latent_trace, exact=True)
+        assert compare_traces(regenerated.latent_trace, generated.latent_trace, exact=True)
 
 
 @pytest.mark.property
