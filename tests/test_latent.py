@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import BACKBONES, load_vedas, make_inputs, perturb_vedas, quadrant_image
+from vedas_trainer.testing import eager_saliency
 
 
 def expand_to_layout(model, sequences, prompt_length, num_replay):
@@ -241,15 +242,7 @@ def test_saliency_is_the_last_query_attention_over_visual_tokens(vedas_dirs):
     inputs = make_inputs(processor, ["what colour is the arrow ?"], [quadrant_image((112, 112), seed=9)])
     out = model.generate(**inputs, num_latent_steps=1, num_replay_tokens=4, max_new_tokens=1, do_sample=False,
                          return_dict_in_generate=True, output_latent_trace=True)
-    ids = torch.cat([inputs["input_ids"], torch.tensor([[model.config.start_latent_token_id]])], 1)
-    with torch.no_grad():
-        maps = model.model(
-            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
-            image_grid_thw=inputs["image_grid_thw"], output_attentions=True,
-            mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids[:, :1]).int()], 1),
-        ).attentions
-    visual = (ids[0] == model.config.image_token_id).nonzero().squeeze(1)
-    saliency = torch.stack([m[0, :, -1, visual].float().mean(0) for m in maps]).mean(0)
+    saliency = eager_saliency(model, inputs)
     top = saliency.topk(4)
     assert out.latent_trace[0]["replay_indices"][0].tolist() == top.indices.tolist()
     torch.testing.assert_close(out.latent_trace[0]["replay_weights"][0], top.values.softmax(-1), atol=1e-5, rtol=1e-4)

@@ -32,6 +32,7 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from conftest import BACKBONES, TEST_OVERRIDES, load_vedas, make_inputs, perturb_vedas, quadrant_image
+from vedas_trainer.testing import eager_saliency
 from vedas.configuration_vedas import (
     POSITION_MODES,
     REPLAY_MODES,
@@ -621,15 +622,8 @@ def test_replay_weights_are_fp32_on_a_long_low_precision_prompt(vedas_dirs, prec
     indices = out.latent_trace[0]["replay_indices"][0]
     assert weights.dtype == torch.float32 and (indices >= 0).all()
 
-    ids = torch.cat([inputs["input_ids"], torch.tensor([[model.config.start_latent_token_id]])], 1)
-    with context(), torch.no_grad():
-        maps = model.model(
-            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
-            image_grid_thw=inputs["image_grid_thw"], output_attentions=True,
-            mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids[:, :1]).int()], 1),
-        ).attentions
-    visual = (ids[0] == model.config.image_token_id).nonzero().squeeze(1)
-    saliency = torch.stack([m[0, :, -1, visual].float().mean(0) for m in maps]).mean(0)
+    with context():
+        saliency = eager_saliency(model, inputs)
     torch.testing.assert_close(weights, saliency[indices].softmax(-1), atol=1e-5, rtol=0)
 
 

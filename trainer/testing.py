@@ -35,3 +35,18 @@ def perturb_vedas(model, seed=0, gate=0.5):
             elif "depth_router" in name:
                 param.copy_(torch.randn(param.shape, generator=generator))
     return model
+
+
+def eager_saliency(model, inputs):
+    """The reference for the first latent step's saliency, from the backbone's eager attention maps: the attention of
+    `<|start_latent|>` (appended to the one-sample prompt) to each visual token, averaged over heads, then over layers.
+    Returns a (num_visual_tokens,) float tensor; the model must be loaded with `attn_implementation="eager"`."""
+    ids = torch.cat([inputs["input_ids"], torch.tensor([[model.config.start_latent_token_id]])], 1)
+    with torch.no_grad():
+        maps = model.model(
+            input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
+            image_grid_thw=inputs["image_grid_thw"], output_attentions=True,
+            mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(ids[:, :1]).int()], 1),
+        ).attentions
+    visual = (ids[0] == model.config.image_token_id).nonzero().squeeze(1)
+    return torch.stack([m[0, :, -1, visual].float().mean(0) for m in maps]).mean(0)
