@@ -32,6 +32,7 @@ from vedas_trainer.data import (
     load_image,
     load_vedas_dataset,
     merge_steps,
+    resolve_format,
     split_steps,
 )
 
@@ -371,9 +372,105 @@ def test_data_error_message_and_pickling():
 
 
 def test_registry():
-    assert set(ADAPTERS) == {"m3cot", "scienceqa", "gqa", "onethinker"}
-    with pytest.raises(ValueError, match="unknown format"):
+    assert set(ADAPTERS) == {"m3cot", "scienceqa", "gqa", "onethinker", "chat"}
+    with pytest.raises(ValueError, match="unknown format 'vqa'.*case-insensitive"):
         load_vedas_dataset("whatever.jsonl", "vqa")
+
+
+def test_format_names_are_case_insensitive(tmp_path):
+    assert [resolve_format(n) for n in ("M3CoT", " ScienceQA", "GQA", "OneThinker", "ShareGPT", "Chat")] == [
+        "m3cot", "scienceqa", "gqa", "onethinker", "chat", "chat"]
+    save_image(tmp_path / "img" / "a.png", RED)
+    ds = load(tmp_path, write_jsonl(tmp_path / "m3cot.jsonl", [m3cot_row(0)]), "M3CoT")
+    assert ds[0]["choices"] == ["red", "green", "blue", "black"] and ds[0]["answer"] == "A"
+
+
+def test_rows_of_another_format_are_refused_naming_row_and_field(tmp_path):
+    """M3CoT rows loaded as GQA used to load with their choices dropped."""
+    save_image(tmp_path / "img" / "a.png", RED)
+    path = write_jsonl(tmp_path / "m3cot.jsonl", [m3cot_row(0), m3cot_row(1)])
+    with pytest.raises(DataError, match=r"^row 0 \(id 'm3-0'\), field 'choices': the gqa format does not read this "
+                                        r"field.*looks like m3cot or onethinker or scienceqa data \(choose") as info:
+        load(tmp_path, path, "gqa")
+    assert info.value.row == 0 and info.value.field == "choices"
+    # ScienceQA rows as M3CoT: the lecture would be dropped
+    with pytest.raises(DataError, match=r"^row 7 .*field 'lecture': the m3cot format does not read.*scienceqa"):
+        ADAPTERS["m3cot"]({**m3cot_row(7), "lecture": "Colours."}, 7, image_root=tmp_path)
+    # empty or null fields of other formats (union columns of parquet files) are not data
+    sample = ADAPTERS["m3cot"]({**m3cot_row(7), "lecture": "", "steps": None, "images": []}, 7, image_root=tmp_path)
+    assert sample["answer"] == "A"
+
+
+def test_directory_as_image_path_says_directory(tmp_path):
+    (tmp_path / "img").mkdir()
+    with pytest.raises(DataError, match=r"^row 3, field 'image': image path is a directory, not an image file: .*img"):
+        load_image("img", tmp_path, row=3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Chat (ShareGPT-style) rows
+# ----------------------------------------------------------------------------------------------------
+
+
+def chat_row(user="<image>What colour is the box?", reply="There is one box.\n\nIt is red.\nAnswer: red", **extra):
+    row = {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": reply}],
+           "images": ["a.png"]}
+    row.update(extra)
+    return row
+
+
+def test_chat_jsonl(tmp_path):
+    save_image(tmp_path / "a.png", RED)
+    save_image(tmp_path / "b.jpg", BLUE)
+    rows = [
+        chat_row(id="c-0"),
+        # multiple choice with an options block, a system message, <think> tags and <answer> tags
+        {"messages": [{"role": "system", "content": "You are helpful."},
+                      {"role": "user", "content": "<image>\n<image>\nWhich one is blue?\nOptions:\nA. the first\n"
+                                                  "B. the second"},
+                      {"role": "assistant", "content": "<think>The first is red.\nThe second is blue.</think>"
+                                                       "<answer>B</answer>"}],
+         "images": ["a.png", "b.jpg"]},
+        # ShareGPT/LLaVA layout, the answer given as an option's text, list-of-parts content
+        {"conversations": [{"from": "human", "value": "<image>Colour?\n(A) red\n(B) blue"},
+                           {"from": "gpt", "value": "Look at it.\n\nIt is red.\n\nThe answer is red."}],
+         "image": "a.png"},
+        {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+                      {"role": "assistant", "content": [{"type": "text", "text": "It is red.\nFinal answer: red"}]}],
+         "images": ["a.png"]},
+    ]
+    ds = load(tmp_path, write_jsonl(tmp_path / "chat.jsonl", rows), "sharegpt")
+    assert_sample(ds[0], id="c-0", question="What colour is the box?", choices=None,
+                  steps=["There is one box.", "It is red."], answer="red", colors=[RED])
+    assert ds[1]["question"] == "Which one is blue?" and ds[1]["choices"] == ["the first", "the second"]
+    assert ds[1]["steps"] == ["The first is red.", "The second is blue."] and ds[1]["answer"] == "B"
+    assert len(ds[1]["images"]) == 2 and ds[1]["images"][1].getpixel((10, 10)) == pytest.approx(BLUE, abs=3)
+    assert (ds[2]["question"], ds[2]["choices"], ds[2]["steps"], ds[2]["answer"]) == (
+        "Colour?", ["red", "blue"], ["Look at it.", "It is red."], "A")
+    assert (ds[3]["question"], ds[3]["steps"], ds[3]["answer"]) == ("Colour?", ["It is red."], "red")
+
+
+CHAT_BAD_ROWS = {
+    "no_answer": (chat_row(reply="It is red."), "messages[1]", "no answer found"),
+    "empty_rationale": (chat_row(reply="Answer: red"), "messages[1]", "empty rationale"),
+    "placeholders": (chat_row(user="<image><image>Colour?"), "messages[0]", "2 image placeholder(s) for 1 image(s)"),
+    "roles": (chat_row(messages=[{"role": "user", "content": "q"}]), "messages", "one user then one assistant"),
+    "bad_role": (chat_row(messages=[{"role": "bot", "content": "q"}]), "messages[0]", "'role' one of"),
+    "letter_out_of_range": (chat_row(user="<image>Colour?\nA. red\nB. blue", reply="It is red.\nAnswer: C"),
+                            "messages[1]", "neither an option letter (A-B)"),
+    "question_field": (chat_row(question="Colour?"), "question", "the chat format does not read"),
+    "missing_image": (chat_row(images=["nope.png"]), "images[0]", "image file not found"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CHAT_BAD_ROWS))
+def test_chat_bad_rows_name_row_and_field(tmp_path, case):
+    save_image(tmp_path / "a.png", RED)
+    bad, field, fragment = CHAT_BAD_ROWS[case]
+    path = write_jsonl(tmp_path / "chat.jsonl", [chat_row(), bad])
+    with pytest.raises(DataError) as info:
+        load(tmp_path, path, "chat")
+    assert str(info.value).startswith("row 1") and info.value.field == field and fragment in str(info.value)
 
 
 def test_m3cot_jsonl(tmp_path):

@@ -1,4 +1,4 @@
-"""Dataset adapters: M3CoT, ScienceQA, GQA and OneThinker-style JSONL mapped to one sample schema.
+"""Dataset adapters: M3CoT, ScienceQA, GQA, OneThinker-style and chat (ShareGPT-style) rows mapped to one sample schema.
 
 Every training and evaluation path of the project consumes samples of this form (a plain dict)::
 
@@ -30,6 +30,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import struct
 import threading
 import warnings
@@ -50,6 +51,7 @@ __all__ = [
     "MAX_PIXELS",
     "MIN_PIXELS",
     "SAMPLE_KEYS",
+    "adapt_chat",
     "adapt_gqa",
     "adapt_m3cot",
     "adapt_onethinker",
@@ -57,6 +59,7 @@ __all__ = [
     "load_image",
     "load_vedas_dataset",
     "merge_steps",
+    "resolve_format",
     "split_steps",
 ]
 
@@ -396,6 +399,8 @@ def load_image(
         resolved = Path(path).expanduser()
         if image_root is not None and not resolved.is_absolute():
             resolved = Path(image_root) / resolved
+        if resolved.is_dir():
+            raise fail(f"image path is a directory, not an image file: {str(resolved)!r}")
         if not resolved.is_file():
             raise fail(f"image file not found: {str(resolved)!r}")
         source, name = resolved, repr(str(resolved))
@@ -606,6 +611,7 @@ def adapt_m3cot(
     (called as ``image_loader(value, row=index, field=name)``), e.g. to cache decoded images.
     """
     r = _reader(row, index, ("id",), image_root, min_pixels, max_pixels, image_loader)
+    _check_foreign_fields(r, "m3cot")
     question = _with_context(r.text("question"), r.optional_text("context"))
     choices = r.choices()
     answer = r.letter_answer(choices)
@@ -629,6 +635,7 @@ def adapt_scienceqa(
     visual tokens. Load with ``skip_bad_rows=True`` to keep the image subset.
     """
     r = _reader(row, index, ("id", "pid"), image_root, min_pixels, max_pixels, image_loader)
+    _check_foreign_fields(r, "scienceqa")
     question = _with_context(r.text("question"), r.optional_text("hint"))
     choices = r.choices()
     answer = r.get("answer")
@@ -659,6 +666,7 @@ def adapt_gqa(
     ``image`` or ``imageId`` -> ``<image_root>/<imageId>.jpg``; id from ``questionId`` or ``id``)
     -> sample with ``choices`` None."""
     r = _reader(row, index, ("questionId", "question_id", "id"), image_root, min_pixels, max_pixels, image_loader)
+    _check_foreign_fields(r, "gqa")
     question = r.text("question")
     answer = r.text("answer")
     steps = r.steps(list_field="steps", text_field="rationale")
@@ -688,11 +696,135 @@ def adapt_onethinker(
     letter); without, it is the short answer text.
     """
     r = _reader(row, index, ("id",), image_root, min_pixels, max_pixels, image_loader)
+    _check_foreign_fields(r, "onethinker")
     question = r.text("question")
     choices = r.choices(required=False)
     answer = r.letter_answer(choices, allow_text=True) if choices is not None else r.text("answer")
     steps = r.steps(list_field="steps", text_field="rationale")
     images = r.image_list("images") if r.has("images") else [r.image("image")]
+    return _sample(r.sample_id, images, question, choices, steps, answer)
+
+
+_CHAT_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+_IMAGE_TAG = "<image>"
+_ANSWER_TAG = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.IGNORECASE | re.DOTALL)
+_ANSWER_LINE = re.compile(r"^\s*(?:final\s+answer|answer|the\s+answer\s+is)\s*[:：]?\s*(.+?)\s*$", re.IGNORECASE)
+_OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[.):]\s*(.+?)\s*$")
+_THINK_TAGS = re.compile(r"</?think>", re.IGNORECASE)
+
+
+def _chat_turns(r: _RowReader) -> tuple[str, list[tuple[str, str, int]]]:
+    """(field, [(role, text, image placeholders)]) of a `messages` (role/content) or `conversations` (from/value)
+    row; content may be a string or a list of {"type": "text"|"image"} parts."""
+    field = "messages" if r.has("messages") or not r.has("conversations") else "conversations"
+    role_key, text_key = ("role", "content") if field == "messages" else ("from", "value")
+    value = r.get(field)
+    if not isinstance(value, (list, tuple)):
+        raise r.error(field, f"expected a list of messages, got {type(value).__name__}")
+    turns = []
+    for i, message in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(message, Mapping) or message.get(role_key) not in _CHAT_ROLES:
+            raise r.error(where, f"expected a message with {role_key!r} one of {sorted(_CHAT_ROLES)}, got {message!r}")
+        content, images = message.get(text_key), 0
+        if isinstance(content, (list, tuple)):  # [{"type": "image"}, {"type": "text", "text": ...}]
+            parts = [p for p in content if isinstance(p, Mapping)]
+            images = sum(p.get("type") == "image" for p in parts)
+            content = "\n".join(p.get("text") or "" for p in parts if p.get("type") == "text")
+        if not isinstance(content, str):
+            raise r.error(f"{where}.{text_key}", f"expected a string or a list of parts, got {type(content).__name__}")
+        turns.append((_CHAT_ROLES[message[role_key]], r._unicode(f"{where}.{text_key}", content), images))
+    roles = [role for role, _, _ in turns if role != "system"]
+    if roles != ["user", "assistant"]:
+        raise r.error(field, f"expected one user then one assistant message (a system message first is allowed), "
+                             f"got roles {[role for role, _, _ in turns]}")
+    return field, turns
+
+
+def _split_chat_answer(r: _RowReader, text: str, field: str) -> tuple[list[str], str]:
+    """(steps, answer) of an assistant message: the answer is in ``<answer>X</answer>`` or on the last line
+    ``Answer: X`` (also ``Final answer: X``, ``The answer is X``); the text before it is the rationale, split into
+    steps on blank lines, or on line breaks when it has no blank line. ``<think>`` tags are dropped."""
+    tagged = _ANSWER_TAG.search(text)
+    if tagged:
+        rationale, answer = text[: tagged.start()], tagged.group(1)
+    else:
+        lines = text.rstrip().splitlines()
+        match = _ANSWER_LINE.match(lines[-1]) if lines else None
+        if match is None:
+            raise r.error(field, "no answer found: end the assistant message with a line 'Answer: X' "
+                                 "or wrap the answer in <answer>X</answer>")
+        rationale, answer = "\n".join(lines[:-1]), match.group(1)
+    answer = answer.strip().rstrip(".").strip()
+    if not answer:
+        raise r.error(field, "empty answer")
+    rationale = _THINK_TAGS.sub("", rationale)
+    steps = split_steps(rationale)
+    if len(steps) == 1:
+        steps = [line.strip() for line in steps[0].splitlines() if line.strip()]
+    if not steps:
+        raise r.error(field, "empty rationale: no text before the answer")
+    return steps, answer
+
+
+def _split_chat_options(question: str) -> tuple[str, list[str] | None]:
+    """A trailing block of option lines ``A. x`` / ``(B) y`` lettered from A becomes the choices."""
+    lines = question.splitlines()
+    start = len(lines)
+    while start > 0 and _OPTION_LINE.match(lines[start - 1]):
+        start -= 1
+    letters = [_OPTION_LINE.match(line).group(1) for line in lines[start:]]
+    if len(letters) < 2 or letters != list(_LETTERS[: len(letters)]):
+        return question, None
+    head = lines[:start]
+    if head and head[-1].strip().rstrip(":").lower() in ("options", "choices"):
+        head = head[:-1]
+    return "\n".join(head).strip(), [_OPTION_LINE.match(line).group(2) for line in lines[start:]]
+
+
+def adapt_chat(
+    row: Mapping[str, Any],
+    index: int | None = None,
+    *,
+    image_root: str | os.PathLike | None = None,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int = MAX_PIXELS,
+    image_loader: ImageLoader | None = None,
+) -> dict[str, Any]:
+    """Chat / ShareGPT-style row (``messages`` of ``{"role", "content"}`` or ``conversations`` of ``{"from",
+    "value"}``, ``images`` list or ``image``, optional ``id``) -> sample.
+
+    * One user message, then one assistant message; a leading system message is allowed and not used.
+    * The question is the user text without its ``<image>`` placeholders; when it has placeholders (or image parts),
+      their number must equal the number of images. A trailing block of option lines lettered from A (``A. red``,
+      ``(B) blue``, after an optional ``Options:`` line) becomes ``choices``, and the answer must then be a letter
+      or an option's text.
+    * The assistant text ends with the answer: ``<answer>X</answer>``, or a last line ``Answer: X`` (``Final
+      answer: X``, ``The answer is X``). The text before it is the rationale: steps split on blank lines, or on line
+      breaks when there is no blank line; ``<think>`` tags are dropped.
+    """
+    r = _reader(row, index, ("id",), image_root, min_pixels, max_pixels, image_loader)
+    _check_foreign_fields(r, "chat")
+    field, turns = _chat_turns(r)
+    (user_index, (_, user, tagged_images)), (assistant_index, (_, reply, _)) = [
+        (i, turn) for i, turn in enumerate(turns) if turn[0] != "system"]
+    images = r.image_list("images") if r.has("images") else [r.image("image")]
+    placeholders = user.count(_IMAGE_TAG) + tagged_images
+    if placeholders and placeholders != len(images):
+        raise r.error(f"{field}[{user_index}]", f"{placeholders} image placeholder(s) for {len(images)} image(s)")
+    question, choices = _split_chat_options(user.replace(_IMAGE_TAG, "").strip())
+    if not question:
+        raise r.error(f"{field}[{user_index}]", "empty question")
+    steps, answer = _split_chat_answer(r, reply, f"{field}[{assistant_index}]")
+    if choices is not None:
+        letter = re.fullmatch(r"\(?([A-Z])\)?(?:[.):]\s*.*)?", answer)
+        if letter and _LETTERS.index(letter.group(1)) < len(choices):
+            answer = letter.group(1)
+        elif answer in choices:
+            answer = _LETTERS[choices.index(answer)]
+        else:
+            raise r.error(f"{field}[{assistant_index}]", f"answer {answer!r} is neither an option letter "
+                                                          f"(A-{_LETTERS[len(choices) - 1]}) nor an option's text")
     return _sample(r.sample_id, images, question, choices, steps, answer)
 
 
@@ -703,7 +835,44 @@ ADAPTERS: dict[str, Callable[..., dict[str, Any]]] = {
     "scienceqa": adapt_scienceqa,
     "gqa": adapt_gqa,
     "onethinker": adapt_onethinker,
+    "chat": adapt_chat,
 }
+# Other names accepted for a format (format names are case-insensitive).
+FORMAT_ALIASES = {"sharegpt": "chat"}
+
+# The content fields each adapter reads (ids are left out: any format may carry any id column). A row of format F
+# that holds a field which F does not read but another format does (M3CoT's `choices` in a GQA row, ScienceQA's
+# `lecture` in an M3CoT row) is data of another format: loading it as F would silently drop that field.
+FORMAT_FIELDS = {
+    "m3cot": {"question", "context", "choices", "answer", "rationale", "image"},
+    "scienceqa": {"question", "hint", "choices", "answer", "lecture", "solution", "image"},
+    "gqa": {"question", "answer", "steps", "rationale", "image", "imageId"},
+    "onethinker": {"question", "choices", "answer", "steps", "rationale", "image", "images"},
+    "chat": {"messages", "conversations", "images", "image"},
+}
+
+
+def resolve_format(name: Any) -> str:
+    """The :data:`ADAPTERS` key of a format name, case-insensitively and with aliases (``"M3CoT"`` -> ``"m3cot"``,
+    ``"ShareGPT"`` -> ``"chat"``). Raises ValueError naming the name and the known formats."""
+    key = name.strip().lower() if isinstance(name, str) else name
+    key = FORMAT_ALIASES.get(key, key)
+    if key not in ADAPTERS:
+        known = sorted(ADAPTERS) + sorted(FORMAT_ALIASES)
+        raise ValueError(f"unknown format {name!r}; expected one of {known} (case-insensitive)")
+    return key
+
+
+def _check_foreign_fields(r: _RowReader, fmt: str) -> None:
+    """DataError when the row holds a non-empty field that `fmt` does not read but another format does."""
+    own = FORMAT_FIELDS[fmt]
+    for field, value in r.row.items():
+        if field in own or value is None or (isinstance(value, (str, list, tuple, dict)) and len(value) == 0):
+            continue
+        owners = sorted(name for name, fields in FORMAT_FIELDS.items() if field in fields)
+        if owners:
+            raise r.error(field, f"the {fmt} format does not read this field, so it would be dropped; the row looks "
+                                 f"like {' or '.join(owners)} data (choose that format)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -929,7 +1098,8 @@ def load_vedas_dataset(
             ``datasets.load_dataset("json" | "parquet", data_files=...)``), a Hub dataset name or a local
             directory holding a copy of one (read with ``datasets.load_dataset(source, split=split)``), or
             an in-memory ``datasets.Dataset`` of raw rows.
-        format: a key of :data:`ADAPTERS`: ``"m3cot"``, ``"scienceqa"``, ``"gqa"`` or ``"onethinker"``.
+        format: a key of :data:`ADAPTERS` (``"m3cot"``, ``"scienceqa"``, ``"gqa"``, ``"onethinker"``, ``"chat"``)
+            or an alias (``"sharegpt"``), in any case (:func:`resolve_format`).
         split: the split to load (for a local file, the name the split gets).
         image_root: directory that relative image paths and GQA ``imageId`` s resolve against; for a
             local file it defaults to the file's directory, for a local dataset directory to itself.
@@ -957,8 +1127,7 @@ def load_vedas_dataset(
             with ``validate=False`` pyarrow's UnicodeDecodeError surfaces when the row is read).
         ValueError: unknown ``format``, or pixel bounds that cannot be met.
     """
-    if format not in ADAPTERS:
-        raise ValueError(f"unknown format {format!r}; expected one of {sorted(ADAPTERS)}")
+    format = resolve_format(format)
     _check_pixel_bounds(min_pixels, max_pixels)
     adapter = ADAPTERS[format]
 
