@@ -695,6 +695,61 @@ class VedasMixin:
             return None
         return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
 
+    # ------------------------------------------------------------------ loading checks (the AutoModel path)
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, from safetensors weights only.
+
+        transformers falls back to `pytorch_model.bin` when a folder has no safetensors file, and unpickling can run
+        arbitrary code: here `use_safetensors` is always True, and a folder without `model.safetensors` (or
+        `model.safetensors.index.json`) is refused in one line. A truncated or corrupt safetensors file is named
+        (see `_load_pretrained_model`) instead of ending in a bare `SafetensorError`.
+        """
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError(
+                "Vedas checkpoints load from safetensors only: use_safetensors=False is refused, because "
+                "unpickling pytorch_model.bin can run arbitrary code."
+            )
+        kwargs["use_safetensors"] = True
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except OSError as err:
+            text = str(err)
+            if "model.safetensors" not in text or not ("no file named" in text or "does not appear to have" in text):
+                raise
+            raise OSError(
+                f"{str(pretrained_model_name_or_path)!r} has no model.safetensors or model.safetensors.index.json: "
+                f"Vedas loads weights from safetensors only, never from pickle files such as pytorch_model.bin "
+                f"(unpickling can run arbitrary code); re-save it with save_pretrained(safe_serialization=True)."
+            ) from None
+
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, *args, **kwargs):
+        """The backbone's `_load_pretrained_model`, with a damaged safetensors file named in a one-line OSError.
+
+        Only on failure, transformers' own `load_state_dict` re-reads each file's header (to the meta device, no
+        tensor data) to find the damaged one: the same files `from_pretrained` was loading, read by transformers.
+        """
+        parent = super(VedasMixin, type(model))._load_pretrained_model
+        try:
+            return parent(model, state_dict, checkpoint_files, *args, **kwargs)
+        except Exception as err:
+            if type(err).__name__ != "SafetensorError":
+                raise
+            from transformers.modeling_utils import load_state_dict
+
+            files = [str(f) for f in checkpoint_files or [] if str(f).endswith(".safetensors")]
+            broken = []
+            for file in files if len(files) > 1 else []:
+                try:
+                    load_state_dict(file, map_location="meta")
+                except Exception:  # noqa: BLE001 (any failure marks the file as the damaged one)
+                    broken.append(file)
+            named = ", ".join(repr(f) for f in (broken or files)) or "a safetensors weight file"
+            raise OSError(
+                f"Cannot load the weights: {named} is truncated or corrupt ({err}); copy or download it again."
+            ) from None
+
 
 class VedasForConditionalGeneration(VedasMixin, Qwen2VLForConditionalGeneration, GenerationMixin):
     """Vedas on a Qwen2-VL backbone."""
