@@ -11,7 +11,7 @@
 # WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
 # See the License for the specific language governing permissions and
 # limitations under the License.
-"""Pure-tensor building blocks of Vedas visual replay (SCF-VR, DESIGN.md section 1.1).
+"""Pure-tensor building blocks of Vedas visual replay (SCF-VR; docs/design.md, "Visual replay").
 
 This file is shipped inside checkpoints as remote code, so it only imports `torch`, `typing` /
 `dataclasses` and `transformers`, and no other file of the package.

@@ -1,4 +1,4 @@
-"""Latent-generation latency and saliency memory, side by side in one run (issue 4, DESIGN.md section 5).
+"""Latent-generation latency and saliency memory, side by side in one run (issue 4; docs/design.md, "Measuring").
 
 For each model size, a base Qwen2-VL (or Qwen2.5-VL) checkpoint is built offline in a temporary folder
 (`build_tiny_base`), converted to Vedas (`convert_base`, K = 32) and its Vedas modules are given non-trivial

@@ -1,4 +1,4 @@
-"""Tests for replay_vedas.py: the pure-tensor building blocks of visual replay (DESIGN.md 1.1)."""
+"""Tests for replay_vedas.py: the pure-tensor building blocks of visual replay (docs/design.md, "Visual replay")."""
 
 import os
 import sys

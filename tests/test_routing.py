@@ -1,5 +1,6 @@
-"""Routing depth scaling (RDS, DESIGN.md 1.2): identity at init, the layer against hand-written references, exact
-KV caching, batch invariance, global mode, α forms, attention backends, gradients and config errors.
+"""Routing depth scaling (RDS; docs/design.md, "Routing depth scaling"): identity at init, the layer against
+hand-written references, exact KV caching, batch invariance, global mode, α forms, attention backends, gradients
+and config errors.
 
 Every test runs on both backbones. Layer-level references call the backbone's own decoder layer class
 (`Qwen2VLDecoderLayer.forward` / `Qwen2_5_VLDecoderLayer.forward`) on the Vedas layer, which bypasses the routing
