@@ -1,8 +1,10 @@
 """VedasTrainer: curriculum across a stage boundary, logged losses and router stats, resume, gradient checkpointing,
 LoRA (trained router and special-token rows, frozen vision tower, adapter round trip, merge)."""
 
+import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 from transformers import TrainerState
@@ -22,7 +24,7 @@ def dataset():
     return build_synthetic_dataset(2, seed=0, split="train")
 
 
-def make_trainer(model, processor, dataset, output_dir, **overrides):
+def make_trainer(model, processor, dataset, output_dir, trainer_kwargs=None, **overrides):
     settings = dict(
         output_dir=str(output_dir), per_device_train_batch_size=1, max_steps=STEPS, epochs_per_stage=1,
         max_latent_stage=2, learning_rate=5e-3, lr_scheduler_type="constant", logging_steps=1, save_strategy="no",
@@ -30,7 +32,7 @@ def make_trainer(model, processor, dataset, output_dir, **overrides):
     )
     args = VedasTrainingArguments(**{**settings, **overrides})
     collator = VedasCollator(processor, model.config, **args.collator_kwargs())
-    return VedasTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+    return VedasTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator, **(trainer_kwargs or {}))
 
 
 def training_logs(trainer):
@@ -207,3 +209,93 @@ def test_curriculum_callback_cot_warmup():
         callback.on_epoch_begin(None, TrainerState(epoch=float(epoch)), None)
         stages.append(collator.stage)
     assert stages == [0, 0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_parameter_summary_under_lora_is_logged_and_matches_a_count(vedas_dirs, dataset, tmp_path, caplog):
+    from peft import get_peft_model
+
+    model, processor = load_vedas(vedas_dirs["qwen2_vl"])
+    total = sum(p.numel() for p in model.parameters())
+    vedas = sum(p.numel() for name, p in model.named_parameters()
+                if any(key in name for key in ("depth_router", "depth_step_embed", "token_sr")))
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    r = 4
+    lora = sum(r * (module.in_features + module.out_features)
+               for name, module in model.model.language_model.named_modules()
+               if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)
+    tokens = 4 * model.config.text_config.hidden_size  # the four special-token rows (trainable_token_indices)
+    peft_model = get_peft_model(model, lora_config_for(model, r=r, alpha=8))
+    trainer = make_trainer(peft_model, processor, dataset, tmp_path, max_steps=1)
+    with caplog.at_level(logging.INFO, logger="vedas_trainer.trainer"):
+        trainer.train()
+    expected = {"trainable": lora + vedas + tokens, "vedas_trainable": vedas,
+                # PEFT keeps the frozen original of each modules_to_save module beside its trained copy
+                "total": total + lora + vedas + tokens, "vedas_total": 2 * vedas}
+    assert trainer.parameter_summary == expected
+    line = next(record.getMessage() for record in caplog.records if record.getMessage().startswith("Parameters:"))
+    assert f"trainable {lora + vedas + tokens:,} of {total + lora + vedas + tokens:,}" in line
+    assert f"{vedas:,} trainable of {2 * vedas:,}" in line
+
+
+def test_evaluation_during_training_and_best_model_at_end(vedas_dirs, dataset, tmp_path):
+    """eval_loss and the teacher-forced answer accuracy at every eval step, on the final (all-latent) layout; the
+    best checkpoint is loaded at the end."""
+    from safetensors.torch import load_file
+
+    from vedas_trainer.trainer import answer_accuracy_metrics, preprocess_logits_for_metrics
+
+    model, processor = load_vedas(vedas_dirs["qwen2_vl"])
+    evaluation = build_synthetic_dataset(3, seed=0, split="test")
+    metrics = {"eval_dataset": evaluation, "compute_metrics": answer_accuracy_metrics(processor.tokenizer),
+               "preprocess_logits_for_metrics": preprocess_logits_for_metrics}
+    trainer = make_trainer(model, processor, dataset, tmp_path, metrics, eval_strategy="steps", eval_steps=1,
+                           save_strategy="steps", save_steps=1, load_best_model_at_end=True,
+                           per_device_eval_batch_size=2)
+    trainer.train()
+    evals = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert [entry["step"] for entry in evals] == [1, 2, 3, 4]
+    for entry in evals:
+        assert math.isfinite(entry["eval_loss"]) and 0.0 <= entry["eval_answer_accuracy"] <= 1.0
+        assert 0.0 <= entry["eval_token_accuracy"] <= 1.0
+    assert trainer.data_collator.stage == 1  # evaluation ran at the final stage and restored the training stage
+    best_step = min(evals, key=lambda entry: entry["eval_loss"])["step"]
+    assert trainer.state.best_model_checkpoint == str(tmp_path / f"checkpoint-{best_step}")
+    saved = load_file(str(tmp_path / f"checkpoint-{best_step}" / "model.safetensors"))
+    current = trainer.model.state_dict()
+    assert all(torch.equal(current[name], value) for name, value in saved.items() if name in current)
+    # the eval loss is the mean loss of stage-2 (all latent) batches of 2, whatever stage training was at
+    collator, expected = trainer.data_collator, []
+    collator.set_stage(2)
+    trainer.model.eval()
+    with torch.no_grad():
+        for rows in ([0, 1], [2]):
+            expected += [trainer.model(**collator([evaluation[i] for i in rows])).loss.item()] * len(rows)
+    collator.set_stage(1)
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(sum(expected) / 3, rel=1e-4)
+
+
+def test_answer_accuracy_metrics_count_tokens_and_answers(vedas_dirs):
+    from transformers import EvalPrediction
+
+    from vedas_trainer.trainer import answer_accuracy_metrics
+
+    _, processor = load_vedas(vedas_dirs["qwen2_vl"])
+    tokenizer = processor.tokenizer
+    prompt = tokenizer.encode("what colour ?", add_special_tokens=False)
+    targets = [tokenizer.encode(text, add_special_tokens=False) for text in ("red box\n\nanswer : A", "answer : B")]
+    width = len(prompt) + max(map(len, targets))
+    labels = np.full((2, width), -100)
+    for row, target in enumerate(targets):
+        labels[row, len(prompt):len(prompt) + len(target)] = target
+    perfect = np.roll(np.where(labels == -100, 0, labels), -1, axis=1)  # position t predicts the label at t + 1
+    metrics = answer_accuracy_metrics(tokenizer)
+    supervised = int((labels[:, 1:] != -100).sum())
+    assert metrics(EvalPrediction(perfect, labels)) == {"token_accuracy": 1.0, "answer_accuracy": 1.0}
+    wrong_step = perfect.copy()
+    wrong_step[0, len(prompt) - 1] += 1  # the first rationale token of row 0
+    assert metrics(EvalPrediction(wrong_step, labels)) == {
+        "token_accuracy": pytest.approx(1 - 1 / supervised), "answer_accuracy": 1.0}
+    wrong_answer = perfect.copy()
+    last = int(np.flatnonzero(labels[1] != -100)[-1])
+    wrong_answer[1, last - 1] += 1  # row 1's answer letter
+    assert metrics(EvalPrediction(wrong_answer, labels))["answer_accuracy"] == 0.5

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -40,7 +41,11 @@ __all__ = [
     "VEDAS_MODULES",
     "VedasTrainer",
     "VedasTrainingArguments",
+    "answer_accuracy_metrics",
+    "format_parameter_summary",
     "lora_config_for",
+    "parameter_summary",
+    "preprocess_logits_for_metrics",
 ]
 
 logger = logging.getLogger(__name__)
@@ -385,10 +390,36 @@ class VedasTrainer(Trainer):
     def train(self, *args, **kwargs):
         self._metric_sums, self._metric_counts = {}, {}
         self._reset_non_finite()
+        self.parameter_summary = parameter_summary(self.model)
+        if self.is_world_process_zero():
+            logger.info("Parameters: %s", format_parameter_summary(self.parameter_summary))
         result = super().train(*args, **kwargs)
         # a non-finite loss after the last log and save must still stop the caller from saving the final model
         self._raise_if_non_finite()
         return result
+
+    # ------------------------------------------------------------------ evaluation
+    @contextlib.contextmanager
+    def _final_layout(self):
+        """Evaluation batches use the final curriculum layout (every step latent, no uniform draws), whatever the
+        training stage: `eval_loss` then measures the same task all run long, and `load_best_model_at_end` picks
+        the best latent model, not the end of the CoT warm-up."""
+        collator = self.data_collator
+        if not isinstance(collator, VedasCollator):
+            yield
+            return
+        stage, uniform = collator.stage, collator.uniform_prob
+        collator.set_stage(collator.max_latent_stage)
+        collator.uniform_prob = 0.0
+        try:
+            yield
+        finally:
+            collator.set_stage(stage)
+            collator.uniform_prob = uniform
+
+    def evaluate(self, *args, **kwargs):
+        with self._final_layout():
+            return super().evaluate(*args, **kwargs)
 
     # ------------------------------------------------------------------ checkpoints
     def _save_checkpoint(self, model, trial) -> None:
@@ -515,3 +546,71 @@ def lora_config_for(
         task_type=kwargs.pop("task_type", "CAUSAL_LM"),
         **kwargs,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------- summaries
+
+
+def parameter_summary(model) -> dict[str, int]:
+    """Parameter counts of a (PEFT-wrapped or plain) Vedas model: `total`, `trainable`, and `vedas_total` /
+    `vedas_trainable` for the Vedas modules (router, e(d), `token_sr`, PEFT's copies of them included). Shared
+    (tied) parameters count once, as `named_parameters` lists them."""
+    counts = dict.fromkeys(("total", "trainable", "vedas_total", "vedas_trainable"), 0)
+    for name, param in model.named_parameters():
+        n = param.numel()
+        vedas = any(f".{module}." in f".{name}." for module in VEDAS_MODULES)
+        counts["total"] += n
+        counts["vedas_total"] += n * vedas
+        if param.requires_grad:
+            counts["trainable"] += n
+            counts["vedas_trainable"] += n * vedas
+    return counts
+
+
+def format_parameter_summary(counts: dict[str, int]) -> str:
+    """`trainable 1,234 of 5,678 (21.73%); Vedas modules 100 trainable (8.10% of trainable)`."""
+    share = 100 * counts["trainable"] / max(counts["total"], 1)
+    vedas_share = 100 * counts["vedas_trainable"] / max(counts["trainable"], 1)
+    return (f"trainable {counts['trainable']:,} of {counts['total']:,} ({share:.2f}%); Vedas modules (router, e(d), "
+            f"token_sr) {counts['vedas_trainable']:,} trainable of {counts['vedas_total']:,} "
+            f"({vedas_share:.2f}% of the trainable parameters)")
+
+
+def preprocess_logits_for_metrics(logits, labels):
+    """Keeps the arg-max token per position, so evaluation does not gather the full (B, L, V) logits."""
+    if isinstance(logits, (tuple, list)):
+        logits = logits[0]
+    return logits.argmax(-1)
+
+
+def answer_accuracy_metrics(tokenizer):
+    """`compute_metrics` for teacher-forced evaluation batches (use with :func:`preprocess_logits_for_metrics`):
+
+    * `token_accuracy`: arg-max next-token accuracy over every supervised token;
+    * `answer_accuracy`: the share of rows whose answer tokens (the supervised tokens after the last `" :"` of the
+      final `answer : X` line) are all predicted right, the end-of-turn token included.
+
+    Cheap (no generation), so it can run at every evaluation; the generated Table-1 accuracy comes from
+    `vedas_trainer.evaluation`.
+    """
+    import numpy as np
+
+    colon = tokenizer.encode(" :", add_special_tokens=False)
+    marker = colon[-1] if colon else None
+
+    def compute(eval_prediction) -> dict[str, float]:
+        predictions, labels = np.asarray(eval_prediction.predictions), np.asarray(eval_prediction.label_ids)
+        predictions, labels = predictions[:, :-1], labels[:, 1:]  # the logits at t predict the token at t + 1
+        supervised = labels != -100
+        right = (predictions == labels) & supervised
+        answers = []
+        for row_labels, row_supervised, row_right in zip(labels, supervised, right):
+            marks = np.flatnonzero(row_labels == marker)
+            if not row_supervised.any() or marks.size == 0:
+                continue
+            span = row_supervised & (np.arange(len(row_labels)) > marks[-1])
+            answers.append(bool(row_right[span].all()) if span.any() else False)
+        return {"token_accuracy": float(right.sum() / max(supervised.sum(), 1)),
+                "answer_accuracy": float(np.mean(answers)) if answers else 0.0}
+
+    return compute
