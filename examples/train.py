@@ -4,17 +4,40 @@ With no arguments it runs the embedded default on CPU: it builds a tiny Qwen2-VL
 trains it on the built-in "follow the arrows" task (CoT warm-up, then the curriculum to full latent), evaluates
 No-CoT / CoT / Vedas latent on the test split, and writes a Hub-ready checkpoint, a results report and a loss curve.
 
-On a real base and dataset, for example:
+On a real base and dataset, for example (4 CoT warm-up epochs + 4 stages of 4 epochs = 20 epochs, which is also the
+default of --num_train_epochs):
 
     accelerate launch --config_file examples/configs/deepspeed_zero2.yaml examples/train.py \
         --base_model /models/Qwen2-VL-7B-Instruct --dataset /data/m3cot/train.jsonl --dataset_format m3cot \
-        --output_dir runs/vedas-m3cot --num_train_epochs 16 --epochs_per_stage 4 --learning_rate 4e-5 \
-        --per_device_train_batch_size 8 --bf16 --lora --recon_weight 0.2
+        --output_dir runs/vedas-m3cot --num_train_epochs 20 --cot_warmup_epochs 4 --epochs_per_stage 4 \
+        --max_latent_stage 4 --learning_rate 4e-5 --per_device_train_batch_size 8 --bf16 --lora --recon_weight 0.2
+
+or the same from a recipe file (any option as a key; later command-line options override it):
+
+    accelerate launch examples/train.py examples/configs/recipe_m3cot.yaml [--learning_rate 2e-5 ...]
+
+Rules checked before any model or data work (a bad value ends in one line on stderr and exit status 2):
+
+* Curriculum: the run must reach ``max_latent_stage``, the stage `generate` and evaluation use. Without
+  ``--num_train_epochs`` the run lasts exactly ``cot_warmup_epochs + max_latent_stage * epochs_per_stage`` epochs;
+  an explicit ``--num_train_epochs`` below that is refused (more is fine: the extra epochs train the last stage).
+  ``--max_steps`` that stops earlier gets a warning. ``report.json`` records the epochs run and the last stage.
+* Evaluation: ``--eval_dataset`` (a file in ``--eval_dataset_format``, default ``--dataset_format``, or
+  ``synthetic`` for the embedded task's test split) evaluates every epoch unless ``--eval_strategy`` says otherwise;
+  ``eval_loss`` and the teacher-forced ``eval_answer_accuracy`` are measured on the final all-latent layout, so
+  ``--load_best_model_at_end`` (with ``--save_strategy`` equal to ``--eval_strategy``) keeps the best latent model.
+* CPU threads: ``accelerate launch`` without a config sets OMP_NUM_THREADS=1 for its workers. On CPU, train.py
+  uses ``cores // local processes`` threads per process instead, unless the user chose a count: OMP_NUM_THREADS set
+  in the environment ``accelerate launch`` (or ``torchrun``) was started from, ``--num_cpu_threads_per_process`` on
+  its command line, or OMP_NUM_THREADS set for a plain ``python examples/train.py``. (accelerate passes the same
+  OMP_NUM_THREADS to the worker in every case; the launcher's own command line and start-up environment tell them
+  apart.)
 """
 
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -24,10 +47,16 @@ from pathlib import Path
 import torch
 from transformers import HfArgumentParser, TrainerCallback, set_seed
 
-from vedas_trainer.checkpoint import convert_base, is_vedas_checkpoint, load_vedas, save_vedas_checkpoint
+from vedas_trainer.checkpoint import (
+    CheckpointError, convert_base, is_vedas_checkpoint, load_vedas, save_vedas_checkpoint,
+)
 from vedas_trainer.collator import VedasCollator
+from vedas_trainer.data import DataError
 from vedas_trainer.tiny_base import TinySizes, build_tiny_base
-from vedas_trainer.trainer import VedasTrainer, VedasTrainingArguments, lora_config_for
+from vedas_trainer.trainer import (
+    NonFiniteLossError, VedasTrainer, VedasTrainingArguments, answer_accuracy_metrics, lora_config_for,
+    preprocess_logits_for_metrics,
+)
 
 
 logger = logging.getLogger("vedas.train")
@@ -53,9 +82,13 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     dataset: str = field(default="synthetic", metadata={"help": "'synthetic', a hub name or a local json/jsonl/parquet."})
-    dataset_format: str | None = field(default=None, metadata={"help": "m3cot, scienceqa, gqa or onethinker."})
+    dataset_format: str | None = field(
+        default=None, metadata={"help": "m3cot, scienceqa, gqa, onethinker or chat (sharegpt); case-insensitive."})
     image_root: str | None = None
-    eval_dataset: str | None = None
+    eval_dataset: str | None = field(default=None, metadata={
+        "help": "Evaluated during training (eval_loss, eval_answer_accuracy): a local file, a hub name, or "
+                "'synthetic' (the embedded task's test split). Evaluates every epoch unless --eval_strategy is set."})
+    eval_dataset_format: str | None = field(default=None, metadata={"help": "Default: --dataset_format."})
     skip_bad_rows: bool = False
     n_train: int = 3200
     n_test: int = 300
@@ -84,20 +117,218 @@ EMBEDDED_TRAINING = dict(
 )
 
 
-def parse_args():
+class UsageError(ValueError):
+    """An argument that cannot work, found before any model or data work."""
+
+
+# what the entry point reports in one line (exit status 2) instead of a traceback
+USER_ERRORS = (UsageError, DataError, CheckpointError, NonFiniteLossError)
+RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def recipe_argv(path: str) -> list[str]:
+    """A YAML or JSON recipe file as command-line tokens: ``key: value`` -> ``--key value`` (dicts as JSON, lists as
+    several values, nulls left out), so a recipe parses exactly like the same options typed out."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"recipe file not found: {path!r}")
+    try:
+        text = file.read_text(encoding="utf-8")
+        recipe = json.loads(text) if file.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as err:
+        raise UsageError(f"cannot parse recipe {path!r}: {err}".replace("\n", " ")) from None
+    if not isinstance(recipe, dict):
+        raise UsageError(f"recipe {path!r} must map option names to values, got {type(recipe).__name__}")
+    argv = []
+    for key, value in recipe.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            argv += [f"--{key}", json.dumps(value)]
+        elif isinstance(value, (list, tuple)):
+            argv += [f"--{key}", *map(str, value)]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def given_options(argv: list[str]) -> set[str]:
+    """The option names on a command line (``--num-train-epochs=3`` -> ``num_train_epochs``)."""
+    return {token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")}
+
+
+def parse_args(argv: list[str] | None = None):
+    """(model, data, run, training arguments, embedded, the option names the user gave)."""
     parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments, VedasTrainingArguments))
-    argv = sys.argv[1:]
-    if not any(a.startswith("--output_dir") for a in argv):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0].lower().endswith(RECIPE_SUFFIXES):
+        argv = recipe_argv(argv[0]) + argv[1:]
+    given = given_options(argv)
+    if "output_dir" not in given:
         argv += ["--output_dir", "outputs/vedas-embedded"]
-    embedded = "--base_model" not in " ".join(argv)
+    embedded = "base_model" not in given
     if embedded:  # embedded defaults, still overridable from the command line
         defaults = []
         for key, value in EMBEDDED_TRAINING.items():
-            if f"--{key}" not in argv:
+            if key not in given:
                 defaults += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
         argv = defaults + argv
-    model_args, data_args, run_args, training_args = parser.parse_args_into_dataclasses(argv)
-    return model_args, data_args, run_args, training_args, embedded
+    try:
+        model_args, data_args, run_args, training_args = parser.parse_args_into_dataclasses(argv)
+    except ValueError as err:  # TrainingArguments' own checks, unknown options
+        raise UsageError(str(err)) from None
+    return model_args, data_args, run_args, training_args, embedded, given
+
+
+def curriculum_epochs(args) -> tuple[int, int]:
+    """(CoT warm-up epochs, epochs needed to train every stage up to max_latent_stage)."""
+    warmup = args.epochs_per_stage if args.cot_warmup_epochs is None else args.cot_warmup_epochs
+    return warmup, warmup + args.max_latent_stage * args.epochs_per_stage
+
+
+def stage_of_epoch(args, epoch: int) -> int:
+    warmup, _ = curriculum_epochs(args)
+    return 0 if epoch < warmup else min(1 + (epoch - warmup) // args.epochs_per_stage, args.max_latent_stage)
+
+
+def check_curriculum(args, given: set[str]) -> None:
+    """Sets num_train_epochs to the curriculum's length unless given; refuses a given one that cannot reach
+    max_latent_stage (the stage that `generate` and evaluation use by default)."""
+    warmup, needed = curriculum_epochs(args)
+    if "num_train_epochs" not in given:
+        args.num_train_epochs = needed
+        return
+    if args.num_train_epochs < needed:
+        last = stage_of_epoch(args, max(math.ceil(args.num_train_epochs) - 1, 0))
+        raise UsageError(
+            f"--num_train_epochs {args.num_train_epochs:g} ends at curriculum stage {last}, but max_latent_stage is "
+            f"{args.max_latent_stage}: the curriculum needs {needed} epochs ({warmup} CoT warm-up + "
+            f"{args.max_latent_stage} stages x {args.epochs_per_stage}). Pass --num_train_epochs {needed} (or leave "
+            f"it out), or a smaller --max_latent_stage / --epochs_per_stage / --cot_warmup_epochs.")
+
+
+def check_data_source(flag: str, value: str) -> None:
+    """A local data file must exist (a hub name or dataset folder is checked when it is loaded)."""
+    path = Path(value).expanduser()
+    if path.suffix.lower() in (".json", ".jsonl", ".parquet"):
+        if path.is_dir():
+            raise UsageError(f"{flag} {value!r} is a directory, not a data file")
+        if not path.is_file():
+            raise UsageError(f"{flag}: no such data file: {value!r}")
+
+
+def check_json_option(flag: str, value: str) -> dict:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise UsageError(f"{flag} is not valid JSON: {err} in {value!r}") from None
+    if not isinstance(parsed, dict):
+        raise UsageError(f"{flag} must be a JSON object, got {value!r}")
+    return parsed
+
+
+def check_data_arguments(data_args, args) -> None:
+    from vedas_trainer.data import resolve_format
+
+    def resolved(flag, name):
+        try:
+            return resolve_format(name)
+        except ValueError as err:
+            raise UsageError(f"{flag}: {err}") from None
+
+    if data_args.dataset != "synthetic":
+        if data_args.dataset_format is None:
+            raise UsageError(f"--dataset {data_args.dataset!r} needs --dataset_format (m3cot, scienceqa, gqa, "
+                             f"onethinker or chat)")
+        data_args.dataset_format = resolved("--dataset_format", data_args.dataset_format)
+        check_data_source("--dataset", data_args.dataset)
+    evaluation = data_args.eval_dataset
+    if evaluation is not None and evaluation != "synthetic":
+        fmt = data_args.eval_dataset_format or data_args.dataset_format
+        if fmt is None:
+            raise UsageError(f"--eval_dataset {evaluation!r} needs --eval_dataset_format (or --dataset_format)")
+        data_args.eval_dataset_format = resolved("--eval_dataset_format", fmt)
+        check_data_source("--eval_dataset", evaluation)
+    if evaluation is None and (args.eval_strategy != "no" or args.load_best_model_at_end):
+        raise UsageError(f"--eval_strategy {args.eval_strategy.value} / --load_best_model_at_end need --eval_dataset")
+    if data_args.image_root is not None and not Path(data_args.image_root).expanduser().is_dir():
+        raise UsageError(f"--image_root: no such folder: {data_args.image_root!r}")
+    check_json_option("--task_kwargs", data_args.task_kwargs)
+    if data_args.n_train < 1 or data_args.n_test < 1:
+        raise UsageError(f"--n_train and --n_test must be >= 1, got {data_args.n_train} and {data_args.n_test}")
+
+
+def check_model_arguments(model_args) -> None:
+    base = model_args.base_model
+    if base is not None and not Path(base).expanduser().exists() and (
+            base.startswith(("/", "./", "../", "~")) or "\\" in base):
+        raise UsageError(f"--base_model: no such folder: {base!r}")
+    overrides = check_json_option("--vedas_overrides", model_args.vedas_overrides)
+    from vedas import VedasConfig
+    from vedas_trainer.checkpoint import check_overrides
+
+    try:  # unknown fields and out-of-range values, before a conversion writes anything
+        check_overrides(overrides)
+        VedasConfig(**overrides)
+    except (TypeError, ValueError) as err:
+        raise UsageError(f"--vedas_overrides: {err}") from None
+
+
+def validate_arguments(model_args, data_args, args, given: set[str]) -> None:
+    """Every check that needs no model and no data rows, before anything is built, converted or loaded."""
+    check_model_arguments(model_args)
+    check_data_arguments(data_args, args)
+    check_curriculum(args, given)
+    value = args.resume_from_checkpoint
+    if value is not None and value.lower() not in ("true", "last") and not Path(value).is_dir():
+        raise UsageError(f"--resume_from_checkpoint: no such checkpoint folder: {value!r}")
+    if data_args.eval_dataset is not None and args.eval_strategy == "no":
+        from transformers.trainer_utils import IntervalStrategy
+
+        args.eval_strategy = IntervalStrategy.EPOCH
+        logger.info("--eval_dataset without --eval_strategy: evaluating at the end of every epoch.")
+
+
+def _launcher_process():
+    """(command line, start-up environment) of the `accelerate launch` or `torchrun` process above this one, or
+    None. psutil reads a process's environment as it was at its start, before any launcher changed its own."""
+    import psutil
+
+    for parent in psutil.Process().parents():
+        try:
+            cmdline = parent.cmdline()
+            head = cmdline[:4]
+            names = [os.path.basename(token) for token in head]
+            if ("accelerate" in names and "launch" in head) or "accelerate.commands.launch" in head \
+                    or "torchrun" in names or "torch.distributed.run" in head:
+                return cmdline, parent.environ()
+        except (psutil.Error, OSError):
+            return None
+    return None
+
+
+def configure_cpu_threads() -> str:
+    """On CPU: torch threads per process = usable cores // local processes, unless the user chose a count (see the
+    module docstring). Returns the reason, for the log."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    value = os.environ.get("OMP_NUM_THREADS")
+    if value is not None:
+        launcher = _launcher_process()
+        if launcher is None:
+            return f"OMP_NUM_THREADS={value} set by the user"
+        cmdline, environ = launcher
+        if any(token.startswith("--num_cpu_threads_per_process") for token in cmdline):
+            return f"--num_cpu_threads_per_process {value} given to the launcher"
+        if "OMP_NUM_THREADS" in environ:
+            return f"OMP_NUM_THREADS={value} set by the user"
+    threads = max(1, cores // max(local, 1))
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)  # for worker processes this one starts
+    chosen = "" if value is None else f", replacing the launcher's default OMP_NUM_THREADS={value}"
+    return f"{cores} cores // {local} local process(es){chosen}"
 
 
 def prepare_model(model_args, training_args, embedded, quick):
@@ -137,6 +368,44 @@ def load_training_data(data_args, quick):
 
     return load_vedas_dataset(data_args.dataset, data_args.dataset_format, split="train",
                               image_root=data_args.image_root, skip_bad_rows=data_args.skip_bad_rows)
+
+
+def load_eval_data(data_args, quick):
+    """The --eval_dataset: the embedded task's test split ('synthetic') or a dataset file/name, or None."""
+    if data_args.eval_dataset is None:
+        return None
+    if data_args.eval_dataset == "synthetic":
+        from vedas_trainer.synthetic import build_synthetic_dataset
+
+        return build_synthetic_dataset(16 if quick else data_args.n_test, seed=data_args.seed_data, split="test",
+                                       **task_kwargs(data_args))
+    from vedas_trainer.data import load_vedas_dataset
+
+    return load_vedas_dataset(data_args.eval_dataset, data_args.eval_dataset_format, split="test",
+                              image_root=data_args.image_root, skip_bad_rows=data_args.skip_bad_rows)
+
+
+def warn_if_steps_stop_early(args, train_dataset) -> None:
+    """--max_steps that ends before the last curriculum stage: a warning (short smoke runs are legitimate)."""
+    if args.max_steps <= 0:
+        return
+    batches = math.ceil(len(train_dataset) / (args.per_device_train_batch_size * args.world_size))
+    steps_per_epoch = max(batches // args.gradient_accumulation_steps, 1)
+    _, needed = curriculum_epochs(args)
+    last_epoch = math.ceil(args.max_steps / steps_per_epoch) - 1
+    if last_epoch < needed - 1:
+        logger.warning("--max_steps %d stops in epoch %d, at curriculum stage %d of %d (max_latent_stage): the last "
+                       "stages are never trained.", args.max_steps, last_epoch, stage_of_epoch(args, last_epoch),
+                       args.max_latent_stage)
+
+
+def backbone_of(config) -> str:
+    """The backbone's model type (qwen2_vl, qwen2_5_vl) of a Vedas config, from the transformers class it extends."""
+    for cls in type(config).__mro__[1:]:
+        model_type = getattr(cls, "model_type", "")
+        if model_type and model_type != getattr(config, "model_type", None):
+            return model_type
+    return config.model_type
 
 
 class WarmupEvalCallback(TrainerCallback):
@@ -261,19 +530,27 @@ def parameter_checksum(model) -> tuple[float, str]:
     return total, digest.hexdigest()
 
 
-def main():
-    started = time.time()
-    model_args, data_args, run_args, args, embedded = parse_args()
+def setup_run(argv=None):
+    """Parses and checks every argument, then loads the data: all before any model is built or converted."""
+    model_args, data_args, run_args, args, embedded, given = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logger.info("rank %d of world size %d (local rank %d, device %s) started", args.process_index, args.world_size,
                 args.local_process_index, args.device)
-    quick = run_args.quick
-    if quick:  # a couple of minutes: the test-size model, few samples, one epoch per stage, two stages
+    if args.device.type == "cpu":
+        reason = configure_cpu_threads()
+        logger.info("CPU threads per process: %d (%s)", torch.get_num_threads(), reason)
+    if run_args.quick:  # a couple of minutes: the test-size model, few samples, one epoch per stage, two stages
         args.cot_warmup_epochs, args.epochs_per_stage, args.max_latent_stage = 1, 1, 2
         args.per_device_train_batch_size, args.logging_steps = 8, 4
+    validate_arguments(model_args, data_args, args, given)
     set_seed(args.seed)
-    model, processor = prepare_model(model_args, args, embedded, quick)
-    train_dataset = load_training_data(data_args, quick)
+    train_dataset = load_training_data(data_args, run_args.quick)
+    eval_dataset = load_eval_data(data_args, run_args.quick)
+    warn_if_steps_stop_early(args, train_dataset)
+    return model_args, data_args, run_args, args, embedded, train_dataset, eval_dataset
+
+
+def build_trainer(model_args, args, model, processor, train_dataset, eval_dataset, callbacks):
     collator = VedasCollator(processor, model.config, **args.collator_kwargs())
     if model_args.lora:
         from peft import get_peft_model
@@ -282,11 +559,40 @@ def main():
             model, r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
             target_modules=tuple(model_args.lora_target_modules.split(",")),
         ))
-    warmup = args.epochs_per_stage if args.cot_warmup_epochs is None else args.cot_warmup_epochs
-    total_epochs = warmup + args.max_latent_stage * args.epochs_per_stage
-    epochs_given = any(a == "--num_train_epochs" or a.startswith("--num_train_epochs=") for a in sys.argv)
-    if embedded or not epochs_given:  # by default: exactly through the last stage
-        args.num_train_epochs = total_epochs
+    metrics = {} if eval_dataset is None else {
+        "eval_dataset": eval_dataset, "compute_metrics": answer_accuracy_metrics(processor.tokenizer),
+        "preprocess_logits_for_metrics": preprocess_logits_for_metrics}
+    # the curriculum callback is added by VedasTrainer from the arguments
+    return VedasTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
+                        callbacks=callbacks, **metrics)
+
+
+def training_record(trainer, args, model_config) -> dict:
+    """What the run did: epochs planned and run, the last curriculum stage, parameters, evaluations."""
+    epochs_run = trainer.state.epoch or 0.0
+    last_stage = trainer.data_collator.stage
+    if last_stage < args.max_latent_stage:
+        logger.warning("Training ended at curriculum stage %d of %d (max_latent_stage) after %.2f epochs.",
+                       last_stage, args.max_latent_stage, epochs_run)
+    record = {
+        "backbone": backbone_of(model_config), "epochs": args.num_train_epochs, "epochs_run": epochs_run,
+        "global_steps": trainer.state.global_step, "last_stage": last_stage,
+        "max_latent_stage": args.max_latent_stage, "curriculum_complete": last_stage >= args.max_latent_stage,
+        "parameters": getattr(trainer, "parameter_summary", None),
+    }
+    evaluations = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    if evaluations:
+        record["evaluations"] = evaluations
+        record["best_model_checkpoint"] = trainer.state.best_model_checkpoint
+    return record
+
+
+def main(argv=None):
+    started = time.time()
+    model_args, data_args, run_args, args, embedded, train_dataset, eval_dataset = setup_run(argv)
+    quick = run_args.quick
+    model, processor = prepare_model(model_args, args, embedded, quick)
+    warmup, _ = curriculum_epochs(args)
     test_samples = None
     if run_args.evaluate_after and data_args.dataset == "synthetic":
         from vedas_trainer.synthetic import build_synthetic_dataset
@@ -295,64 +601,90 @@ def main():
                                        **task_kwargs(data_args))
         test_samples = [test[i] for i in range(len(test))]
     callbacks = [WarmupEvalCallback(processor, test_samples, warmup)] if test_samples and not model_args.lora else []
-    # the curriculum callback is added by VedasTrainer from the arguments
-    trainer = VedasTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator,
-                           callbacks=callbacks)
+    trainer = build_trainer(model_args, args, model, processor, train_dataset, eval_dataset, callbacks)
     trainer.train(resume_from_checkpoint=resume_checkpoint(args))
     # every rank logs its own weights' checksum: data-parallel replicas must end identical
     total, digest = parameter_checksum(trainer.model)
     logger.info("rank %d parameter checksum %.6f sha256 %s (global step %d)", args.process_index, total, digest,
                 trainer.state.global_step)
-
-    out = Path(args.output_dir)
-    final_dir = out / "checkpoint-final"
     if trainer.is_world_process_zero():
-        final = trainer.model.merge_and_unload() if model_args.lora else trainer.model
-        results_md = None
-        report = {"train_seconds": time.time() - started, "epochs": total_epochs, "world_size": args.world_size,
-                  "args": {"model": asdict(model_args), "data": asdict(data_args), "run": asdict(run_args)}}
-        if test_samples:
-            from vedas_trainer.evaluation import evaluate_checkpoint, save_results
-
-            final.eval()
-            results = evaluate_checkpoint(final, processor, test_samples, batch_size=32)
-            save_results(results, out, title="Vedas embedded default")
-            ablations = latent_ablations(final, processor, test_samples)
-            warmup_results = callbacks[0].results if callbacks else None
-            results_md = table1_markdown(warmup_results, results, ablations)
-            (out / "table1.md").write_text(results_md)
-
-            def strip(metrics):
-                return {k: v for k, v in metrics.items() if k != "predictions"}
-
-            report["results"] = {mode: strip(metrics) for mode, metrics in results["modes"].items()}
-            report["ablations"] = {name: strip(metrics) for name, metrics in ablations.items()}
-            if warmup_results:
-                report["warmup_results"] = {m: strip(r) for m, r in warmup_results["modes"].items()}
-        curve = plot_losses(trainer.state.log_history, out / "loss_curve.png")
-        setup = (f"{'Tiny ' + model_args.backbone + ' base built from scratch' if embedded else model_args.base_model}; "
-                 f"{len(train_dataset)} training samples; {warmup} CoT warm-up epoch(s) then {args.max_latent_stage} "
-                 f"latent stages of {args.epochs_per_stage} epoch(s); lr {args.learning_rate}, batch "
-                 f"{args.per_device_train_batch_size} x {args.world_size} process(es).")
-        save_vedas_checkpoint(final, processor, final_dir, card_context={
-            "setup": setup, "results": results_md, "base_model": model_args.base_model})
-        if test_samples:  # a few pictures of what the latent steps replay (like the paper's figures 5-6)
-            from visualize import visualize  # examples/visualize.py, next to this script
-
-            report["pictures"] = [str(p) for p in visualize(
-                final_dir, [0, 1, 2], out / "pictures", n_test=len(test_samples), seed=data_args.seed_data,
-                task_kwargs=task_kwargs(data_args))]
-        report["wall_seconds"] = time.time() - started
-        (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        logger.info("Checkpoint: %s; loss curve: %s", final_dir, curve)
-        if results_md:
-            print(results_md)
-        print(f"Total wall time: {report['wall_seconds']:.0f} s")
+        record = training_record(trainer, args, model.config)
+        final_dir = write_outputs(trainer, processor, model_args, data_args, run_args, args, embedded, test_samples,
+                                  callbacks, record, started, len(train_dataset))
         if args.push_to_hub and args.hub_model_id:
             from vedas_trainer.hub import push_checkpoint
 
             push_checkpoint(final_dir, args.hub_model_id, token=args.hub_token)
 
 
+def write_outputs(trainer, processor, model_args, data_args, run_args, args, embedded, test_samples, callbacks,
+                  record, started, n_train):
+    """Rank 0: the final evaluation, Table 1, the loss curve, `checkpoint-final`, pictures and `report.json`."""
+    out = Path(args.output_dir)
+    final_dir = out / "checkpoint-final"
+    final = trainer.model.merge_and_unload() if model_args.lora else trainer.model
+    results_md = None
+    report = {"train_seconds": time.time() - started, **record, "world_size": args.world_size,
+              "args": {"model": asdict(model_args), "data": asdict(data_args), "run": asdict(run_args)}}
+    if test_samples:
+        results_md = final_table(final, processor, test_samples, callbacks, out, report)
+    curve = plot_losses(trainer.state.log_history, out / "loss_curve.png")
+    warmup, _ = curriculum_epochs(args)
+    setup = (f"{'Tiny ' + model_args.backbone + ' base built from scratch' if embedded else model_args.base_model}; "
+             f"{n_train} training samples; {warmup} CoT warm-up epoch(s) then {args.max_latent_stage} "
+             f"latent stages of {args.epochs_per_stage} epoch(s); lr {args.learning_rate}, batch "
+             f"{args.per_device_train_batch_size} x {args.world_size} process(es).")
+    save_vedas_checkpoint(final, processor, final_dir, card_context={
+        "setup": setup, "results": results_md, "base_model": model_args.base_model})
+    if test_samples:  # a few pictures of what the latent steps replay (like the paper's figures 5-6)
+        from visualize import visualize  # examples/visualize.py, next to this script
+
+        report["pictures"] = [str(p) for p in visualize(
+            final_dir, [0, 1, 2], out / "pictures", n_test=len(test_samples), seed=data_args.seed_data,
+            task_kwargs=task_kwargs(data_args))]
+    report["wall_seconds"] = time.time() - started
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    logger.info("Checkpoint: %s; loss curve: %s", final_dir, curve)
+    if results_md:
+        print(results_md)
+    print(f"Total wall time: {report['wall_seconds']:.0f} s")
+    return final_dir
+
+
+def final_table(final, processor, test_samples, callbacks, out, report) -> str:
+    """Table 1 of the embedded run (final modes, inference ablations, the warm-up model's CoT) into `report`."""
+    from vedas_trainer.evaluation import evaluate_checkpoint, save_results
+
+    final.eval()
+    results = evaluate_checkpoint(final, processor, test_samples, batch_size=32)
+    save_results(results, out, title="Vedas embedded default")
+    ablations = latent_ablations(final, processor, test_samples)
+    warmup_results = callbacks[0].results if callbacks else None
+    results_md = table1_markdown(warmup_results, results, ablations)
+    (out / "table1.md").write_text(results_md)
+
+    def strip(metrics):
+        return {k: v for k, v in metrics.items() if k != "predictions"}
+
+    report["results"] = {mode: strip(metrics) for mode, metrics in results["modes"].items()}
+    report["ablations"] = {name: strip(metrics) for name, metrics in ablations.items()}
+    if warmup_results:
+        report["warmup_results"] = {m: strip(r) for m, r in warmup_results["modes"].items()}
+    return results_md
+
+
+def run(argv=None) -> int:
+    """The entry point: the project's own errors (bad arguments, data rows, checkpoints, a non-finite loss) end in
+    one line on stderr and exit status 2, not a traceback (under `accelerate launch -q`, accelerate adds none)."""
+    try:
+        main(argv)
+    except USER_ERRORS as err:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
+        print(f"train.py: error: {rank}{err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run())
