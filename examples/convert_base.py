@@ -7,6 +7,8 @@ Adds the latent special tokens (reusing spare embedding rows), the routers, step
 writes a folder that loads with ``AutoModel.from_pretrained(out, trust_remote_code=True)``. ``--set`` overrides any
 Vedas setting; values are Python/JSON literals (``16``, ``0.5``, ``[1,3]``, ``true``) or bare strings
 (``replay_mode=soft_mix``). With the default ``depth_gate_init=0`` the converted model computes exactly the base.
+``--base`` may be a Hub model id (``Qwen/Qwen2-VL-2B-Instruct``): it is downloaded into the HF cache, or with
+``HF_HUB_OFFLINE=1`` taken from it.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ def parse_overrides(pairs: list[str] | None) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", required=True, help="base Qwen2-VL / Qwen2.5-VL checkpoint folder")
+    parser.add_argument("--base", required=True, help="base Qwen2-VL / Qwen2.5-VL checkpoint: a folder or a Hub "
+                        "model id (offline, from the local HF cache)")
     parser.add_argument("--out", required=True, help="output folder for the Vedas checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     parser.add_argument(

@@ -3,8 +3,11 @@
     python examples/push_to_hub.py /path/to/checkpoint --repo-id user/vedas-qwen2-vl [--private] [--token hf_...]
 
 The folder is checked before anything is uploaded: config with auto_map, remote-code files, weights, processor and
-tokenizer files, and a README.md whose YAML metadata (base_model, library_name, pipeline_tag, tags, license) parses
-with ``huggingface_hub.ModelCard``. Without ``--token`` the cached login (``hf auth login``) or ``HF_TOKEN`` is used.
+tokenizer files, auto_map entries that name classes the remote-code files define (checked by parsing, not
+importing), a valid ``--repo-id``, and a README.md whose YAML metadata (library_name, pipeline_tag, tags, license,
+and base_model as a Hub id when present) parses with ``huggingface_hub.ModelCard``. ``--dry-run`` runs these checks
+offline. Without ``--token`` the cached login (``hf auth login``) or ``HF_TOKEN`` is used. Offline
+(``HF_HUB_OFFLINE=1``) or with the Hub unreachable, it exits with one line and uploads nothing.
 """
 
 from __future__ import annotations
@@ -12,8 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vedas_trainer.checkpoint import CheckpointError
-from vedas_trainer.hub import push_checkpoint, validate_for_push
+from vedas_trainer.hub import HubError, push_checkpoint, validate_for_push
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,13 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         if args.dry_run:
-            files = validate_for_push(args.folder)
+            files = validate_for_push(args.folder, args.repo_id)
         else:
             files = push_checkpoint(
                 args.folder, args.repo_id, private=args.private, token=args.token,
                 commit_message=args.commit_message, revision=args.revision,
             )
-    except CheckpointError as err:
+    except (ValueError, HubError) as err:  # CheckpointError is a ValueError
         print(f"push_to_hub.py: error: {err}", file=sys.stderr)
         return 1
     verb = "Would upload" if args.dry_run else "Uploaded"

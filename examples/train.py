@@ -52,6 +52,7 @@ from vedas_trainer.checkpoint import (
 )
 from vedas_trainer.collator import VedasCollator
 from vedas_trainer.data import DataError
+from vedas_trainer.hub import HubError, push_after_training, resolve_model_folder, training_push_target
 from vedas_trainer.tiny_base import TinySizes, build_tiny_base
 from vedas_trainer.trainer import (
     NonFiniteLossError, VedasTrainer, VedasTrainingArguments, answer_accuracy_metrics, lora_config_for,
@@ -122,7 +123,7 @@ class UsageError(ValueError):
 
 
 # what the entry point reports in one line (exit status 2) instead of a traceback
-USER_ERRORS = (UsageError, DataError, CheckpointError, NonFiniteLossError)
+USER_ERRORS = (UsageError, DataError, CheckpointError, NonFiniteLossError, HubError)
 RECIPE_SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -340,7 +341,7 @@ def prepare_model(model_args, training_args, embedded, quick):
         overrides["num_replay_tokens"] = model_args.num_replay_tokens
     if model_args.recon_weight is not None:
         overrides["recon_weight"] = model_args.recon_weight
-    base_dir = Path(out / "base" if embedded else model_args.base_model)
+    base_dir = Path(out / "base" if embedded else resolve_model_folder(model_args.base_model))  # folder or Hub id
     init_dir = out / "init"
     # the main process builds and converts; the others wait, then load the same folder
     with training_args.main_process_first(desc="building and converting the base"):
@@ -591,6 +592,7 @@ def main(argv=None):
     started = time.time()
     model_args, data_args, run_args, args, embedded, train_dataset, eval_dataset = setup_run(argv)
     quick = run_args.quick
+    push_repo = training_push_target(args)  # checked before any work; the Trainer's own pushes are turned off
     model, processor = prepare_model(model_args, args, embedded, quick)
     warmup, _ = curriculum_epochs(args)
     test_samples = None
@@ -611,10 +613,8 @@ def main(argv=None):
         record = training_record(trainer, args, model.config)
         final_dir = write_outputs(trainer, processor, model_args, data_args, run_args, args, embedded, test_samples,
                                   callbacks, record, started, len(train_dataset))
-        if args.push_to_hub and args.hub_model_id:
-            from vedas_trainer.hub import push_checkpoint
-
-            push_checkpoint(final_dir, args.hub_model_id, token=args.hub_token)
+        if push_repo:  # a push that cannot happen (offline, no network) prints why and the command to push later
+            push_after_training(final_dir, push_repo, token=args.hub_token, private=bool(args.hub_private_repo))
 
 
 def write_outputs(trainer, processor, model_args, data_args, run_args, args, embedded, test_samples, callbacks,

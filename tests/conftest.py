@@ -60,3 +60,25 @@ def vedas_dirs(base_dirs, tmp_path_factory):
         convert_base(base, root / backbone, overrides=TEST_OVERRIDES)
         dirs[backbone] = root / backbone
     return dirs
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """Intercept the Hub at huggingface_hub's HfApi: record every call, upload nothing. The session is offline
+    (HF_HUB_OFFLINE=1), so the fixture also switches huggingface_hub to online mode, as on a machine with network:
+    everything up to the HfApi call runs for real."""
+    import huggingface_hub
+    from huggingface_hub import HfApi
+
+    calls = []
+
+    def recorder(name):
+        def record(self, *args, **kwargs):
+            calls.append((name, args, kwargs))
+            return f"https://huggingface.co/{kwargs.get('repo_id') or args[0]}"
+        return record
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for name in ("create_repo", "upload_folder", "upload_file", "create_commit"):
+        monkeypatch.setattr(HfApi, name, recorder(name))
+    return calls

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from huggingface_hub import HfApi, ModelCard
+from huggingface_hub import ModelCard
 from huggingface_hub.hf_api import DEFAULT_IGNORE_PATTERNS
 from huggingface_hub.utils import filter_repo_objects
 from safetensors.torch import load_file, save_file
@@ -199,22 +199,6 @@ def test_convert_accepts_a_legacy_layout_base(base_dirs, vedas_dirs, tmp_path, c
 
 
 # ------------------------------------------------------------------------------------------------ push_to_hub
-@pytest.fixture
-def hub_calls(monkeypatch):
-    """Intercept the Hub at huggingface_hub's HfApi: record every call, upload nothing."""
-    calls = []
-
-    def recorder(name):
-        def record(self, *args, **kwargs):
-            calls.append((name, args, kwargs))
-            return f"https://huggingface.co/{kwargs.get('repo_id') or args[0]}"
-        return record
-
-    for name in ("create_repo", "upload_folder", "upload_file", "create_commit"):
-        monkeypatch.setattr(HfApi, name, recorder(name))
-    return calls
-
-
 def would_upload(folder, kwargs):
     """The files `upload_folder(folder_path=..., allow_patterns=..., ignore_patterns=...)` selects, as the Hub
     client selects them (its own filter plus its default ignores)."""

@@ -15,7 +15,8 @@ import shutil
 from pathlib import Path
 
 import torch
-from huggingface_hub.errors import StrictDataclassError
+from huggingface_hub.errors import HFValidationError, StrictDataclassError
+from huggingface_hub.utils import validate_repo_id
 from jinja2 import Template
 from safetensors import SafetensorError
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
@@ -23,6 +24,8 @@ from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, Qwen
 import vedas
 from vedas.configuration_vedas import SPECIAL_TOKENS, Vedas25Config, VedasConfig, VedasSettings
 from vedas.modeling_vedas import Vedas25ForConditionalGeneration, VedasForConditionalGeneration
+
+from .evaluation import DEFAULT_MAX_NEW_TOKENS
 
 
 logger = logging.getLogger(__name__)
@@ -45,6 +48,9 @@ SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME = "model.safetensors", "model.safeten
 # Pickle-based weights run arbitrary code on load; a checkpoint that has only these is refused.
 PICKLE_WEIGHTS_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 PROCESSOR_CONFIG_NAMES = ("processor_config.json", "preprocessor_config.json")
+# generation_config.json's max_new_tokens: the answer after the latent block (the latent steps are not counted),
+# the budget evaluation gives latent mode
+ANSWER_MAX_NEW_TOKENS = DEFAULT_MAX_NEW_TOKENS["latent"]
 # The special-token strings and ids are assigned by the conversion itself (it adds the tokens to the tokenizer
 # and records their ids); overriding them would make config and tokenizer disagree.
 CONVERSION_OWNED = {f.name for f in dataclasses.fields(VedasSettings) if f.name.endswith(("_token", "_token_id"))}
@@ -66,22 +72,88 @@ def auto_map(model) -> dict[str, str]:
 
 def render_model_card(context: dict | None = None) -> str:
     """Fill MODEL_CARD.md (a jinja2 template with Hub YAML metadata) with the run's facts."""
-    context = {"base_model": None, "backbone": None, "setup": None, "results": None, **(context or {})}
+    context = {"base_model": None, "base_note": None, "backbone": None, "setup": None, "results": None,
+               **(context or {})}
     return Template(MODEL_CARD_TEMPLATE.read_text()).render(**context)
 
 
-def save_vedas_checkpoint(model, processor, out_dir, card_context: dict | None = None) -> Path:
-    """Write a complete, self-contained Vedas checkpoint folder (loadable with trust_remote_code)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+def card_base_model(base) -> tuple[str | None, str | None]:
+    """What the model card says about the base a checkpoint came from: `(base_model, base_note)`.
+
+    `base_model` is card metadata, which the Hub links to a model page, so it is only ever a Hub repo id: the id
+    of a Hub snapshot folder (`.../models--Org--Name/snapshots/<hash>`), else a Hub id recorded in the folder's
+    config.json `_name_or_path`, else None. A local folder without either gives `base_note`, a sentence for the
+    card text naming the folder (by its name only: the card does not publish the machine's paths). A string that
+    is not an existing path is taken as the Hub id it was given as.
+    """
+    if not base:
+        return None, None
+    text = str(base)
+    path = Path(text).expanduser()
+    if not path.exists():
+        return (text, None) if is_hub_repo_id(text) else (None, None)
+    repo_id = hub_repo_id(path)
+    if repo_id is None and (path / "config.json").is_file():
+        try:
+            recorded = json.loads((path / "config.json").read_bytes()).get("_name_or_path")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            recorded = None
+        if isinstance(recorded, str) and is_hub_repo_id(recorded) and not Path(recorded).expanduser().exists():
+            repo_id = recorded
+    if repo_id is not None:
+        return repo_id, None
+    return None, f"Base model: the local folder `{path.resolve().name}` (not a Hub snapshot, so no `base_model` link)."
+
+
+def is_hub_repo_id(text: str) -> bool:
+    """Whether `text` is a syntactically valid Hub model repo id (`name` or `namespace/name`)."""
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _write_checkpoint(model, processor, folder: Path, card_context: dict | None) -> None:
+    """The files of a Vedas checkpoint, written into the (empty) `folder`."""
     model.config.auto_map = auto_map(model)
     model.config.architectures = [type(model).__name__]
-    model.save_pretrained(out_dir, safe_serialization=True)
-    processor.save_pretrained(out_dir)
+    if model.generation_config.max_new_tokens is None:  # HF's fallback, max_length=20, counts the whole prompt
+        model.generation_config.max_new_tokens = ANSWER_MAX_NEW_TOKENS
+    model.save_pretrained(folder, safe_serialization=True)
+    processor.save_pretrained(folder)
     for name in REMOTE_CODE_FILES:
-        shutil.copy2(PACKAGE_DIR / name, out_dir / name)
+        shutil.copy2(PACKAGE_DIR / name, folder / name)
     context = {"backbone": model.config.model_type, **(card_context or {})}
-    (out_dir / "README.md").write_text(render_model_card(context))
+    context["base_model"], note = card_base_model(context.get("base_model"))
+    context["base_note"] = context.get("base_note") or note
+    (folder / "README.md").write_text(render_model_card(context))
+
+
+def save_vedas_checkpoint(model, processor, out_dir, card_context: dict | None = None) -> Path:
+    """Write a complete, self-contained Vedas checkpoint folder (loadable with trust_remote_code), atomically.
+
+    The files are written into `.<name>.partial` next to `out_dir`, which is then renamed to `out_dir` (an
+    existing `out_dir` is moved aside first and removed after): a process killed mid-save leaves the previous
+    folder or none, never a partial one. `card_context` fills MODEL_CARD.md; its `base_model` may be a local
+    folder or a Hub id (see :func:`card_base_model`).
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging, old = out_dir.parent / f".{out_dir.name}.partial", out_dir.parent / f".{out_dir.name}.replaced"
+    for leftover in (staging, old):  # what a save killed earlier left behind
+        if leftover.exists():
+            shutil.rmtree(leftover)
+    staging.mkdir()
+    try:
+        _write_checkpoint(model, processor, staging, card_context)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 
@@ -409,12 +481,17 @@ def add_special_tokens(processor, embedding_rows: int) -> dict[str, int]:
 def convert_base(base_dir, out_dir, overrides: dict | None = None, overwrite: bool = False, card_context=None):
     """Turn a base Qwen2-VL / Qwen2.5-VL checkpoint into a Vedas checkpoint folder. Returns `(model, processor)`.
 
-    `overrides` sets any `VedasConfig` field (e.g. `{"num_replay_tokens": 16, "routing_topk": 8}`).
+    `base_dir` is a local folder or a Hub model id (resolved through the local HF cache, downloading it when
+    online: :func:`vedas_trainer.hub.resolve_model_folder`). `overrides` sets any `VedasConfig` field (e.g.
+    `{"num_replay_tokens": 16, "routing_topk": 8}`).
     """
-    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    from .hub import resolve_model_folder  # hub imports this module
+
+    out_dir = Path(out_dir)
     check_overrides(overrides or {})
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"Output folder {str(out_dir)!r} exists and is not empty; pass overwrite=True (--overwrite).")
+    base_dir = resolve_model_folder(base_dir)
     base, processor = load_base(base_dir)
     _, config_class, model_class = BACKBONES[base.config.model_type]
 
@@ -450,10 +527,8 @@ def convert_base(base_dir, out_dir, overrides: dict | None = None, overwrite: bo
             matrix[new_rows] = matrix[:old_vocab].mean(0)
     model.generation_config = base.generation_config
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or processor.tokenizer.pad_token_id
-    # the card's base_model must be a Hub repo id (a local folder name is not one)
-    context = {"base_model": hub_repo_id(base_dir), **(card_context or {})}
-    if out_dir.exists() and overwrite:
-        shutil.rmtree(out_dir)
+    # the card's base_model becomes a Hub repo id or is left out (card_base_model)
+    context = {"base_model": base_dir, **(card_context or {})}
     save_vedas_checkpoint(model.eval(), processor, out_dir, card_context=context)
     logger.info("Converted %s -> %s (%d new parameters)", base_dir, out_dir, count_vedas_parameters(model))
     return model, processor
@@ -481,6 +556,11 @@ def load_vedas(folder, **overrides):
     Weights load from safetensors only. Every problem is a `CheckpointError` naming the folder and the file or
     field: a missing or broken config.json, a model_type that is not Vedas, missing, truncated or pickle-only
     weights, missing processor files, a tokenizer or special-token ids that do not fit the embedding.
+
+    A folder without the remote-code files (`modeling_vedas.py`, ...) loads, with a warning: this function builds
+    the model from the installed package's classes and never runs code from the folder, so the files are not
+    needed here (and a stale copy in the folder would not be used). Such a folder does not load with
+    `AutoModel.from_pretrained(..., trust_remote_code=True)`, and `push_to_hub.py` refuses it.
     """
     folder = Path(folder)
     config_dict = _read_config(folder, "Vedas checkpoint")
@@ -492,6 +572,13 @@ def load_vedas(folder, **overrides):
         )
     config_class, model_class = VEDAS_MODEL_TYPES[model_type]
     _check_weights(folder, config_dict)
+    missing_code = [name for name in REMOTE_CODE_FILES if not (folder / name).is_file()]
+    if missing_code:
+        logger.warning(
+            "%r lacks the remote-code files %s: loading it with the installed vedas classes, but AutoModel "
+            "(trust_remote_code=True) and the Hub cannot load it; re-save it with save_vedas_checkpoint.",
+            str(folder), ", ".join(missing_code),
+        )
     try:
         config = config_class.from_pretrained(folder, **overrides)
     except (ValueError, TypeError, KeyError, IndexError, AttributeError, StrictDataclassError) as err:
