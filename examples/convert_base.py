@@ -1,6 +1,6 @@
 """Convert a base Qwen2-VL / Qwen2.5-VL checkpoint into a Vedas checkpoint folder.
 
-    python examples/convert_base.py --base /tmp/tiny-qwen2-vl --out /tmp/tiny-vedas \\
+    python examples/convert_base.py --base tiny-qwen2-vl --out tiny-vedas \\
         --set num_replay_tokens=16 routing_topk=8 "routing_layers=[1,3]"
 
 Adds the latent special tokens (reusing spare embedding rows), the routers, step embeddings and ``token_sr``, and

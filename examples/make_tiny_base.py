@@ -1,6 +1,6 @@
 """Write a tiny Qwen2-VL / Qwen2.5-VL *base* checkpoint, built offline from config (no download).
 
-    python examples/make_tiny_base.py --backbone qwen2_vl --out /tmp/tiny-qwen2-vl
+    python examples/make_tiny_base.py --backbone qwen2_vl --out tiny-qwen2-vl
 
 The folder holds a plain transformers model (saved with the backbone's own ``save_pretrained``) and the real
 ``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor`` with a small BPE tokenizer trained with ``tokenizers``. Convert it

@@ -40,25 +40,13 @@ from vedas_trainer.hub import (
 )
 from vedas_trainer.trainer import VedasTrainingArguments
 
+# examples/<name>.py imported, and its main(argv) run in-process: (exit code, stdout, stderr)
+from test_cli import load_example, run_main as run_example
+
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
 MODEL_CLASSES = {"qwen2_vl": VedasForConditionalGeneration, "qwen2_5_vl": Vedas25ForConditionalGeneration}
-
-
-def run_example(name, argv, capsys):
-    """`main(argv)` of examples/<name>.py in-process; returns (exit code, stdout, stderr)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"vedas_example_{name}", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    try:
-        code = module.main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
 def error_lines(err: str) -> list[str]:
@@ -254,11 +242,7 @@ def test_train_push_is_checked_first_and_skipped_offline(tiny_model, tmp_path, c
     (["--base_model", "someone/not-cached"], "'someone/not-cached' is not a local folder, and as a Hub model id"),
 ])
 def test_train_entry_point_refuses_before_any_model_work(argv, needle, tmp_path, capsys):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("vedas_example_train_hub", EXAMPLES / "train.py")
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
+    train = load_example("train")
     out = tmp_path / "run"
     extra = ["--dataset", "synthetic"] if "--base_model" in argv else []
     code = train.run(["--quick", "--output_dir", str(out), *extra, *argv])
