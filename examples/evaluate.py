@@ -7,6 +7,12 @@ For each mode it reports accuracy (the local ``metrics/vedas_accuracy`` evaluate
 (latent steps + generated tokens up to and including the end token) and the average wall time per sample (batched
 generation time / batch size). Writes ``results.json``, ``results.md`` and ``predictions.jsonl`` to ``--out``.
 For ``--data synthetic`` pass the training run's ``--seed`` and ``--task-kwargs`` to get its test split.
+
+The default ``--out`` is unique per checkpoint and data: ``<run folder>/eval/<checkpoint name>-<data>-<split>-n<N>``
+next to a local checkpoint (``runs/m3cot/checkpoint-final`` -> ``runs/m3cot/eval/checkpoint-final-test-test-n200``
+for ``--data test.jsonl``), ``eval_results/<owner>--<name>/<data>-<split>-n<N>`` for a Hub id. Existing results are
+never overwritten without ``--overwrite``. Bad arguments, data rows and checkpoints end in one line on stderr and exit
+status 2.
 """
 
 from __future__ import annotations
@@ -34,19 +40,41 @@ elif __name__ == "evaluate":
         sys.path[:] = _saved_path
 
 
+def format_name(value: str) -> str:
+    """--format, case-insensitively (`M3CoT`), with the adapters' aliases."""
+    from vedas_trainer.data import resolve_format
+
+    try:
+        return resolve_format(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def default_out(checkpoint: str, data: str, split: str, n: int) -> str:
+    """`<run folder>/eval/<checkpoint name>-<data>-<split>-n<N>` (a Hub id: `eval_results/<owner>--<name>/...`)."""
+    data_name = "synthetic" if data == "synthetic" else os.path.splitext(os.path.basename(os.path.normpath(data)))[0]
+    run = f"{data_name}-{split}-n{n}"
+    path = os.path.normpath(checkpoint)
+    if os.path.isdir(path):
+        return os.path.join(os.path.dirname(os.path.abspath(path)), "eval", f"{os.path.basename(path)}-{run}")
+    return os.path.join("eval_results", checkpoint.replace("/", "--"), run)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from vedas_trainer.data import ADAPTERS
     from vedas_trainer.evaluation import DEFAULT_MAX_NEW_TOKENS, MODES
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="Vedas checkpoint folder or Hub repo id")
     parser.add_argument("--data", required=True, help="'synthetic' (the embedded task) or a dataset file/dir/name")
-    parser.add_argument("--format", choices=sorted(ADAPTERS), help="dataset format (required unless synthetic)")
+    parser.add_argument("--format", type=format_name,
+                        help="dataset format: m3cot, scienceqa, gqa, onethinker or chat (required unless synthetic)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--n", type=int, default=200, help="number of samples (the first n of the split)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
-    parser.add_argument("--out", default=None, help="output folder (default: eval_results/<checkpoint name>)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: <run folder>/eval/<checkpoint name>-<data>-<split>-n<N>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace results already in the output folder")
     parser.add_argument("--num-latent-steps", type=int, default=None, help="T of the latent mode (default: config)")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help=f"budget of the answer modes (default: nocot {DEFAULT_MAX_NEW_TOKENS['nocot']}, "
@@ -68,11 +96,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--format is required when --data is not 'synthetic'")
     if args.n < 1 or args.batch_size < 1:
         parser.error("--n and --batch-size must be >= 1")
+    if args.data != "synthetic" and os.path.splitext(args.data)[1].lower() in (".json", ".jsonl", ".parquet") \
+            and not os.path.isfile(args.data):
+        parser.error(f"--data: no such data file: {args.data!r}")
+    local = args.checkpoint.startswith(("/", ".", "~")) or args.checkpoint.count("/") != 1  # not "owner/name"
+    if local and not os.path.isdir(args.checkpoint):
+        parser.error(f"no such checkpoint folder: {args.checkpoint!r}")
+    if args.image_root is not None and not os.path.isdir(args.image_root):
+        parser.error(f"--image-root: no such folder: {args.image_root!r}")
+    args.out = args.out or default_out(args.checkpoint, args.data, args.split, args.n)
+    if os.path.exists(os.path.join(args.out, "results.json")) and not args.overwrite:
+        parser.error(f"{args.out!r} already holds results.json; pass --overwrite to replace it, or another --out")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs the evaluation; the project's own errors (a bad data row, a broken checkpoint) end in one line on stderr
+    and exit status 2, like argparse's."""
+    from vedas_trainer.checkpoint import CheckpointError
+    from vedas_trainer.data import DataError
+
     args = parse_args(argv)
+    try:
+        return evaluate(args)
+    except (DataError, CheckpointError) as err:
+        print(f"evaluate.py: error: {err}", file=sys.stderr, flush=True)
+        return 2
+
+
+def evaluate(args: argparse.Namespace) -> int:
     from vedas_trainer.evaluation import evaluate_checkpoint, load_model_and_processor, load_samples, save_results
 
     dataset_kwargs = {"image_root": args.image_root, "skip_bad_rows": args.skip_bad_rows} if args.format else {}
@@ -85,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         num_latent_steps=args.num_latent_steps, progress=not args.no_progress,
     )
     results.update(checkpoint=str(args.checkpoint), data=str(args.data), format=args.format, split=args.split)
-    out = args.out or os.path.join("eval_results", os.path.basename(os.path.normpath(args.checkpoint)))
+    out = args.out
     title = f"{os.path.basename(os.path.normpath(args.checkpoint))} on {args.data} ({args.split})"
     paths = save_results(results, out, title=title)
     print(paths["markdown"].read_text())

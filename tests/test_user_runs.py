@@ -206,3 +206,61 @@ def test_report_records_backbone_curriculum_and_parameters(eval_run):
     counts = report["parameters"]
     assert counts["trainable"] == counts["total"] > counts["vedas_trainable"] == counts["vedas_total"] > 0
     assert f"Parameters: trainable {counts['trainable']:,} of {counts['total']:,}" in output
+
+
+# ------------------------------------------------------------------------------------------------- evaluate.py
+
+
+def _evaluate_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vedas_example_evaluate", REPO / "examples" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _evaluate(argv, capsys):
+    try:
+        code = _evaluate_module().main([str(a) for a in argv])
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def test_evaluate_default_output_is_per_checkpoint_and_never_overwritten(vedas_dirs, tmp_path, capsys):
+    import shutil
+
+    runs = [tmp_path / name / "checkpoint-final" for name in ("run-a", "run-b")]
+    for checkpoint in runs:
+        shutil.copytree(vedas_dirs["qwen2_vl"], checkpoint)
+    argv = ["--data", "synthetic", "--n", "2", "--modes", "nocot", "--batch-size", "2", "--no-progress"]
+    for checkpoint in runs:
+        assert _evaluate([checkpoint, *argv], capsys)[0] == 0
+    outputs = [run.parent / "eval" / "checkpoint-final-synthetic-test-n2" / "results.json" for run in runs]
+    assert all(path.is_file() for path in outputs)
+    assert json.loads(outputs[0].read_text())["checkpoint"] == str(runs[0])
+    before = outputs[0].read_bytes()
+    code, err = _evaluate([runs[0], *argv], capsys)
+    assert code == 2 and "already holds results.json; pass --overwrite" in err and outputs[0].read_bytes() == before
+    assert _evaluate([runs[0], *argv, "--overwrite"], capsys)[0] == 0
+
+
+def test_evaluate_arguments_and_data_errors_are_one_line(vedas_dirs, tmp_path, capsys):
+    module = _evaluate_module()
+    rows = _m3cot_rows(tmp_path)
+    args = module.parse_args([str(vedas_dirs["qwen2_vl"]), "--data", str(rows), "--format", "M3CoT"])
+    assert args.format == "m3cot"
+    for argv, message in (
+        ([vedas_dirs["qwen2_vl"], "--data", rows, "--format", "m3kot"], "unknown format 'm3kot'"),
+        ([vedas_dirs["qwen2_vl"], "--data", tmp_path / "nope.jsonl", "--format", "m3cot"], "no such data file"),
+        ([tmp_path / "no-checkpoint", "--data", "synthetic"], "no such checkpoint folder"),
+    ):
+        code, err = _evaluate(argv, capsys)
+        assert code == 2 and message in err, err
+    result = subprocess.run([sys.executable, REPO / "examples" / "evaluate.py", vedas_dirs["qwen2_vl"], "--data", rows,
+                             "--format", "gqa", "--out", tmp_path / "out"], cwd=REPO, env=_env(tmp_path),
+                            capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "evaluate.py: error: row 0 (id 'm3-0'), field 'choices': the gqa format does not read" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -82,7 +82,7 @@ def load_samples(data: str, n: int | None = None, split: str = "test", format: s
         from .data import load_vedas_dataset
 
         if format is None:
-            raise ValueError("A dataset path or name needs format= (m3cot, scienceqa, gqa or onethinker).")
+            raise ValueError("A dataset path or name needs format= (m3cot, scienceqa, gqa, onethinker or chat).")
         dataset = load_vedas_dataset(data, format, split=split, **dataset_kwargs)
         if n is not None:
             dataset = dataset.select(range(min(n, len(dataset))))
