@@ -1,11 +1,13 @@
 """Pictures of what Vedas looks at, like the paper's figures 5 and 6.
 
-    python examples/visualize.py CHECKPOINT --sample 3 [--out DIR] [--data synthetic]
+    python examples/visualize.py CHECKPOINT --sample 3 [--out DIR]                     # the embedded task's test split
+    python examples/visualize.py CHECKPOINT --sample 0 5 --data test.jsonl --format m3cot [--image-root DIR]
 
 For one test sample it writes `sample_<N>.png`: one column per latent step with (top) the image, the replayed visual
 tokens shaded by their replay weight and the dense W x W crop window drawn, and (bottom) the first routing layer's
 router scores over the tokens of that step's forward (the prompt for step 1, then the replayed tokens and the latent),
-selected tokens marked.
+selected tokens marked. `--data` is `synthetic` (the default; pass the training run's `--seed` and `--task-kwargs`) or a
+local JSON/JSONL/parquet file or dataset name in `--format` (as for evaluate.py); `--sample` indexes its `--split`.
 """
 
 import argparse
@@ -79,13 +81,29 @@ def draw(sample, trace, grid_hw, answer, path):
     return path
 
 
-def visualize(checkpoint, sample_indices, out_dir, n_test=300, seed=0, task_kwargs=None):
-    from vedas_trainer.evaluation import load_model_and_processor
-    from vedas_trainer.synthetic import build_synthetic_dataset
+def load_test_samples(sample_indices, n_test=300, seed=0, task_kwargs=None, data="synthetic", format=None,
+                      split="test", image_root=None):
+    """The samples to draw: the synthetic test split as training built it, or the first rows of a dataset."""
+    needed = max(sample_indices) + 1
+    if data == "synthetic":
+        from vedas_trainer.synthetic import build_synthetic_dataset
 
+        return build_synthetic_dataset(max(n_test, needed), seed=seed, split="test", **dict(task_kwargs or {}))
+    from vedas_trainer.data import DataError
+    from vedas_trainer.evaluation import load_samples
+
+    samples = load_samples(data, n=needed, split=split, format=format, image_root=image_root)
+    if len(samples) < needed:
+        raise DataError(f"--sample {needed - 1} is out of range: {data!r} has {len(samples)} sample(s)")
+    return samples
+
+
+def visualize(checkpoint, sample_indices, out_dir, n_test=300, seed=0, task_kwargs=None, data="synthetic",
+              format=None, split="test", image_root=None):
+    from vedas_trainer.evaluation import load_model_and_processor
+
+    test = load_test_samples(sample_indices, n_test, seed, task_kwargs, data, format, split, image_root)
     model, processor = load_model_and_processor(checkpoint)
-    test = build_synthetic_dataset(max(n_test, max(sample_indices) + 1), seed=seed, split="test",
-                                   **dict(task_kwargs or {}))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -104,10 +122,28 @@ def main(argv=None):
     parser.add_argument("--n-test", type=int, default=300, help="size of the synthetic test split (as in training)")
     parser.add_argument("--seed", type=int, default=0, help="the training run's --seed_data")
     parser.add_argument("--task-kwargs", default="{}", help="the training run's --task_kwargs (JSON)")
+    parser.add_argument("--data", default="synthetic", help="'synthetic' or a dataset file/dir/name")
+    parser.add_argument("--format", default=None, help="dataset format (required unless synthetic), as in evaluate.py")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--image-root", default=None, help="folder that relative image paths resolve against")
     args = parser.parse_args(argv)
+    if args.data != "synthetic" and args.format is None:
+        parser.error("--format is required when --data is not 'synthetic'")
+    if min(args.sample) < 0:
+        parser.error(f"--sample must be >= 0, got {min(args.sample)}")
     out = args.out or str(Path(args.checkpoint).resolve().parent / "pictures")
-    for path in visualize(args.checkpoint, args.sample, out, args.n_test, args.seed, json.loads(args.task_kwargs)):
+    from vedas_trainer.checkpoint import CheckpointError
+    from vedas_trainer.data import DataError
+
+    try:
+        paths = visualize(args.checkpoint, args.sample, out, args.n_test, args.seed, json.loads(args.task_kwargs),
+                          args.data, args.format, args.split, args.image_root)
+    except (DataError, CheckpointError) as err:
+        print(f"visualize.py: error: {err}", file=sys.stderr, flush=True)
+        return 2
+    for path in paths:
         print(path)
+    return 0
 
 
 if __name__ == "__main__":

@@ -264,3 +264,36 @@ def test_evaluate_arguments_and_data_errors_are_one_line(vedas_dirs, tmp_path, c
     assert result.returncode == 2, result.stderr[-3000:]
     assert "evaluate.py: error: row 0 (id 'm3-0'), field 'choices': the gqa format does not read" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------------------------ visualize.py
+
+
+def test_visualize_draws_samples_of_a_local_dataset(vedas_dirs, tmp_path, capsys):
+    import importlib.util
+
+    from PIL import Image
+
+    from vedas_trainer.testing import quadrant_image
+
+    for i in range(2):
+        quadrant_image((112, 84), seed=i).save(tmp_path / f"q{i}.png")
+    rows = [{"id": f"m3-{i}", "question": f"Which colour is at the top left? ({i})", "choices": ["red", "blue"],
+             "answer": "A", "rationale": "Look at the top left.\n\nIt is red.", "image": f"q{i}.png"} for i in range(2)]
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    spec = importlib.util.spec_from_file_location("vedas_example_visualize", REPO / "examples" / "visualize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "pictures"
+    argv = [vedas_dirs["qwen2_vl"], "--data", data, "--format", "M3CoT", "--sample", "1", "--out", out]
+    assert module.main([str(a) for a in argv]) == 0
+    picture = out / "sample_1.png"
+    assert capsys.readouterr().out.split() == [str(picture)]
+    assert Image.open(picture).format == "PNG" and Image.open(picture).width > 200
+    # an index past the file, a missing --format: one line, status 2
+    assert module.main([str(a) for a in argv[:-4] + ["--sample", "5"]]) == 2
+    assert "visualize.py: error: --sample 5 is out of range" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        module.main([str(vedas_dirs["qwen2_vl"]), "--data", str(data)])
+    assert exit_.value.code == 2 and "--format is required" in capsys.readouterr().err
