@@ -42,8 +42,9 @@ AUTO_MAP_FILES = ("config.json", "tokenizer_config.json", "processor_config.json
 # connection or a time-out reaches the caller unwrapped.
 HUB_ERRORS = (OSError, HfHubHTTPError, *HfHubHTTPError.__bases__)
 # The files a model needs from a Hub repository: config, safetensors weights, processor, tokenizer and chat
-# template; no pickle (*.bin) or other frameworks' weights
-MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+# template, and a Vedas checkpoint's remote code (load_vedas never runs it; it keeps the snapshot complete); no
+# pickle (*.bin) or other frameworks' weights
+MODEL_FILE_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken", "*.py"]
 
 
 class HubError(RuntimeError):
