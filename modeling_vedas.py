@@ -40,6 +40,9 @@ class VedasCausalLMOutput(ModelOutput):
         recon_loss: self-distillation MSE averaged over latent steps and samples (training with crop images).
         logits: `(batch, seq, vocab)`.
         past_key_values: the `VedasCache`.
+        hidden_states: with `output_hidden_states`, `num_layers + 1` tensors `(batch, seq, hidden)`: the embeddings,
+            then each layer's output (the last after the final norm: the logits are computed from it).
+        attentions: with `output_attentions` (eager attention), one `(batch, heads, seq, seq + past)` map per layer.
         latent_trace: per latent step, what replay selected (see `VedasForConditionalGeneration.forward`).
         router_stats: per `(layer, depth)`: mean selected count, mean router score, mean threshold (detached).
     """
@@ -51,6 +54,8 @@ class VedasCausalLMOutput(ModelOutput):
     past_key_values: VedasCache | None = None
     latent_trace: list | None = None
     router_stats: dict | None = None
+    hidden_states: tuple | None = None
+    attentions: tuple | None = None
 
 
 @dataclass
@@ -91,6 +96,94 @@ def _accumulate_router_stats(total: dict, new: dict, passes_before: int):
             total[key][name] = (total[key][name] * passes_before + stats[name]) / (passes_before + 1)
 
 
+def _segment_any(flag: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """`(batch, l)` bool: whether any token of each token's segment is flagged. flag, segments: `(batch, l)`."""
+    count = torch.zeros(flag.shape[0], int(segments.max()) + 1, dtype=torch.long, device=flag.device)
+    count = count.scatter_add(1, segments, flag.long())
+    return count.gather(1, segments) > 0
+
+
+def _before_first(flag: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """`(batch, l)` bool: no flagged token at or before this column within its segment (segments are contiguous)."""
+    count = flag.long().cumsum(-1)
+    starts = torch.ones_like(flag)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    # flags counted before each segment (the count is non-decreasing, so cummax carries a segment's base forward)
+    base = torch.where(starts, count - flag.long(), 0).cummax(-1).values
+    return count == base
+
+
+def _packed_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Packed rows, recognised as transformers does: text positions that do not go up by one start a new sequence.
+
+    position_ids: `(batch, l)` text positions, or `(4, batch, l)` (text, then M-RoPE); `(3, batch, l)` M-RoPE
+    alone carries no text positions and is never packed. Returns the positions for the backbone (2-D ones as 4 rows,
+    so that its attention mask is packed too) and `(batch, l)` segment ids, or None when no row is packed.
+    """
+    if position_ids.ndim == 3 and position_ids.shape[0] != 4:
+        return position_ids, None
+    text = position_ids if position_ids.ndim == 2 else position_ids[0]
+    starts = torch.ones_like(text, dtype=torch.bool)
+    starts[:, 1:] = text[:, 1:] - text[:, :-1] != 1
+    segments = starts.long().cumsum(-1) - 1
+    if not bool((segments[:, -1] > 0).any()):
+        return position_ids, None
+    if position_ids.ndim == 2:
+        position_ids = torch.cat([text[None], text[None].expand(3, -1, -1)])
+    return position_ids, segments
+
+
+def _mask_segments(allowed: torch.Tensor, token_valid: torch.Tensor, past_length: int) -> torch.Tensor | None:
+    """Packed sequences of a 4-D mask's `(batch, l, l)` block over this forward's tokens, for routing: a real token
+    that does not see the real token before it starts a sequence. Refuses a mask that is not causal attention over
+    the real tokens of each sequence, which routing could not honour. Returns `(batch, l)` ids, or None if unpacked.
+    """
+    length = token_valid.shape[1]
+    columns = torch.arange(length, device=allowed.device)
+    previous = torch.where(token_valid, columns, -1).cummax(-1).values  # last real token at or before each column
+    previous = torch.cat([torch.full_like(previous[:, :1], -1), previous[:, :-1]], 1)
+    sees_previous = allowed.gather(2, previous.clamp(min=0)[..., None]).squeeze(2) & (previous >= 0)
+    segments = (token_valid & ~sees_previous & (previous >= 0)).long().cumsum(-1)
+    expected = (columns[:, None] >= columns[None]) & token_valid[:, None, :]
+    expected = expected & (segments[:, :, None] == segments[:, None, :])
+    wrong = (allowed != expected) & token_valid[:, :, None]
+    if past_length > 0:  # on a cache the new tokens continue one sequence
+        wrong = wrong | (token_valid[:, :, None] & (segments[:, :, None] > 0))
+    if bool(wrong.any()):
+        row, query = (int(i) for i in wrong.any(-1).nonzero()[0])
+        raise ValueError(
+            f"The 4-D attention_mask is not causal attention over padding and packed sequences (row {row}, query "
+            f"{query}); routing layers re-select and re-attend tokens under that structure only."
+        )
+    return segments if bool((segments[:, -1] > 0).any()) else None
+
+
+def _main_pass_attentions(attentions, state: VedasForwardState):
+    """The recorded attention maps without the routing layers' second passes: one per layer."""
+    if not attentions:
+        return attentions
+    if len(attentions) != len(state.attention_calls):
+        raise RuntimeError(f"{len(attentions)} attention maps were recorded for {len(state.attention_calls)} calls.")
+    return tuple(attn for attn, main in zip(attentions, state.attention_calls) if main)
+
+
+def _join_passes(recorded: list, length: int) -> tuple[tuple | None, tuple | None]:
+    """Per-layer hidden states and attention maps of the latent forward's passes joined over the sequence: hidden
+    states `(batch, chunk, hidden)` along it, attention rows `(batch, heads, chunk, end)` padded with zeros to
+    `length` keys (a pass sees no later key) and stacked. `recorded`: `(hidden_states, attentions)` per pass."""
+    if not recorded:
+        return None, None
+    hidden_states, attentions = None, None
+    if recorded[0][0]:
+        hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*(states for states, _ in recorded)))
+    if recorded[0][1]:
+        attentions = tuple(
+            torch.cat([nn.functional.pad(a, (0, length - a.shape[-1])) for a in layer], dim=2)
+            for layer in zip(*(maps for _, maps in recorded))
+        )
+    return hidden_states, attentions
+
+
 class VedasMixin:
     """The Vedas logic shared by the Qwen2-VL and Qwen2.5-VL classes."""
 
@@ -111,6 +204,17 @@ class VedasMixin:
         if isinstance(module, DepthStepEmbedding):
             init.constant_(module.weight, self.config.depth_gate_init)
 
+    def initialize_weights(self):
+        """transformers' init, then e(d) of every routing layer. transformers hands each nested model (here the text
+        model, which holds the decoder layers) to that model's own `_init_weights`, which does not know
+        `DepthStepEmbedding`: without this pass e(d) would keep whatever its storage held (zeros from `__init__`,
+        uninitialised memory when `from_pretrained` lacks the key). `init.constant_` skips loaded parameters."""
+        super().initialize_weights()
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, DepthStepEmbedding):
+                    self._init_weights(module)
+
     # ------------------------------------------------------------------ helpers
     def _warn_once(self, key: str, message: str):
         if key not in self._warned:
@@ -123,24 +227,39 @@ class VedasMixin:
         return 1 if self.config.replay_mode == "soft_mix" else num_replay_tokens
 
     def _routing_state(self, token_valid, prompt_mask, key_valid=None, record_scores=False,
-                       prompt_lengths=None) -> VedasForwardState:
-        """`prompt_lengths` defaults to the prompt tokens of this forward (pass the whole prompt's when chunking)."""
+                       prompt_lengths=None, segments=None) -> VedasForwardState:
+        """`prompt_lengths` defaults to the prompt tokens of this forward (pass the whole prompt's when chunking);
+        with packed `segments` `(batch, l)`, to those of each segment `(batch, segments)`."""
+        if prompt_lengths is None:
+            prompt = (prompt_mask & token_valid).long()
+            if segments is None:
+                prompt_lengths = prompt.sum(-1)
+            else:
+                prompt_lengths = torch.zeros(prompt.shape[0], int(segments.max()) + 1, dtype=torch.long,
+                                             device=prompt.device).scatter_add(1, segments, prompt)
         return VedasForwardState(
             token_valid=token_valid,
             prompt_mask=prompt_mask,
-            prompt_lengths=(prompt_mask & token_valid).sum(-1) if prompt_lengths is None else prompt_lengths,
+            prompt_lengths=prompt_lengths,
+            segments=segments,
             key_valid=key_valid,
             rotary_emb=self.model.language_model.rotary_emb,
             routing_mode=self.config.routing,
             record_scores=record_scores,
         )
 
-    def _embed(self, input_ids, pixel_values, image_grid_thw):
-        """Token embeddings with the merger outputs scattered into the image slots."""
-        embeds = self.model.get_input_embeddings()(input_ids)
+    def _embed(self, input_ids, pixel_values, image_grid_thw, inputs_embeds=None):
+        """Token embeddings `(batch, l, hidden)` (`inputs_embeds` when given) with the merger outputs scattered into
+        the image slots (found in input_ids, else as transformers does: the rows equal to the image token's)."""
+        table = self.model.get_input_embeddings()
+        embeds = table(input_ids) if inputs_embeds is None else inputs_embeds
         if pixel_values is not None:
             image_embeds = torch.cat(self.model.get_image_features(pixel_values, image_grid_thw).pooler_output)
-            image_mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
+            if input_ids is not None:
+                image_mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
+            else:
+                image_row = table(torch.tensor(self.config.image_token_id, device=embeds.device)).to(embeds.dtype)
+                image_mask = (embeds == image_row).all(-1, keepdim=True)
             if int(image_mask.sum()) != image_embeds.shape[0]:
                 raise ValueError(
                     f"The batch has {int(image_mask.sum())} image tokens but the images give {image_embeds.shape[0]} "
@@ -188,8 +307,11 @@ class VedasMixin:
         output_latent_trace: bool = False,
         output_router_scores: bool = False,
         routing_prompt_length: int | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> VedasCausalLMOutput:
+    ) -> VedasCausalLMOutput | tuple:
         r"""
         A plain prompt runs the backbone (with routing depth scaling). A batch in the latent layout (it contains
         `<|latent|>` slots) runs the latent forward: teacher forcing with latents filled in and visual replay.
@@ -197,6 +319,21 @@ class VedasMixin:
         Latent batches must be built like the collator does: every row has `<|start_latent|>` in the same column
         (prompts left-padded), followed by its steps `[<|replay|> x R, <|latent|>]` and `<|end_latent|>`.
 
+        attention_mask: `(batch, past + l)` (1 = token, 0 = padding), or, in a plain forward, a 4-D
+            `(batch, 1, l, past + l)` mask as transformers takes it (bool: True attends; float: additive, a key
+            at -1e3 or below is masked). With routing layers a 4-D mask must be causal attention over padding and
+            packed sequences (what routing can honour); other masks are refused.
+        position_ids: in a plain forward without attention_mask and cache, positions that restart inside a row
+            (`DataCollatorWithFlattening`: 2-D `(batch, l)`, or text positions as the first of 4 rows) mark packed
+            sequences: attention and routing then keep each sequence to itself.
+        inputs_embeds (`(batch, l, hidden)`, *optional*): instead of, or with, input_ids. A latent batch needs
+            input_ids (the layout is read from the token ids); given with them, the latent forward starts from
+            these embeddings.
+        output_attentions / output_hidden_states / return_dict: as in transformers. `attentions` has one map per
+            layer (the second passes of routing layers are left out; eager attention only), `hidden_states` the
+            embeddings and each layer's output (the last one after the final norm, which the logits are computed
+            from). A latent forward returns them over the whole sequence: with a cache its passes are joined (each
+            attention row padded with zeros to the full length, the keys a pass could not see).
         crop_images (`list[list[torch.Tensor]]`, *optional*):
             Per sample, its original images as `(3, H, W)` uint8 tensors, in prompt order. When given in training
             (and `recon_weight > 0`), the self-distillation loss is computed: the dense W x W window of each step's
@@ -212,41 +349,87 @@ class VedasMixin:
             passes the prompt's width when it recomputes the sequence without a cache, so that the tokens it
             generated are compared with the prompt's thresholds, as on the cache, instead of joining its top-α.
         """
-        if inputs_embeds is not None:
-            raise ValueError("Vedas builds its own input embeddings (latents and replay); pass input_ids.")
         if kwargs.get("pixel_values_videos") is not None:
             raise NotImplementedError("Vedas replays image tokens; video inputs are not supported.")
+        if input_ids is None and inputs_embeds is None:
+            raise ValueError("Pass input_ids (or, for a plain forward, inputs_embeds).")
         self._check_cache(past_key_values)
-        latent_id = self.config.latent_token_id
-        if latent_id is not None and bool((input_ids == latent_id).any()):
+        cfg = self.config
+        attentions_default, hidden_default = (
+            getattr(cfg, f"output_{name}", False) for name in ("attentions", "hidden_states")
+        )
+        record = {
+            "output_attentions": attentions_default if output_attentions is None else output_attentions,
+            "output_hidden_states": hidden_default if output_hidden_states is None else output_hidden_states,
+        }
+        return_dict = getattr(cfg, "return_dict", True) if return_dict is None else return_dict
+        image_inputs = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
+        if self._is_latent_batch(input_ids, inputs_embeds):
             if past_key_values is not None and past_key_values.get_seq_length() > 0:
                 raise ValueError("A latent-layout batch must start from an empty cache (generate runs the steps).")
-            return self._latent_forward(
+            out = self._latent_forward(
                 input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, labels,
                 crop_images=crop_images, num_replay_tokens=num_replay_tokens, use_cache=use_cache,
                 past_key_values=past_key_values, output_latent_trace=output_latent_trace, position_ids=position_ids,
+                inputs_embeds=inputs_embeds, **record,
             )
+        else:
+            out = self._plain_forward(
+                input_ids, inputs_embeds, attention_mask, position_ids, past_key_values, labels, use_cache,
+                image_inputs, mm_token_type_ids, logits_to_keep=logits_to_keep,
+                routing_prompt_length=routing_prompt_length, output_router_scores=output_router_scores, **record,
+            )
+        return out if return_dict else out.to_tuple()
 
+    def _is_latent_batch(self, input_ids, inputs_embeds) -> bool:
+        """Whether the batch is in the latent layout (holds `<|latent|>` slots). Without input_ids the layout cannot
+        be read: embeddings that contain the `<|latent|>` row are refused rather than run as a plain prompt."""
+        latent_id = self.config.latent_token_id
+        if latent_id is None:
+            return False
+        if input_ids is not None:
+            return bool((input_ids == latent_id).any())
+        latent_row = self.model.get_input_embeddings()(torch.tensor(latent_id, device=inputs_embeds.device))
+        if bool((inputs_embeds == latent_row.to(inputs_embeds.dtype)).all(-1).any()):
+            raise ValueError(
+                "inputs_embeds contain the <|latent|> embedding but no input_ids were given: a latent-layout batch "
+                "needs input_ids, from which the latent forward reads where each step, its replay slots and "
+                "<|end_latent|> are (pass input_ids, with or without inputs_embeds)."
+            )
+        return False
+
+    def _plain_forward(self, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values, labels, use_cache,
+                       image_inputs, mm_token_type_ids, logits_to_keep=0, routing_prompt_length=None,
+                       output_router_scores=False, **record) -> VedasCausalLMOutput:
+        """The backbone over `(batch, l)` new tokens (`past` more in the cache), with routing depth scaling."""
+        embeds = self._embed(input_ids, *image_inputs.values(), inputs_embeds=inputs_embeds)
+        length = embeds.shape[1]
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        backbone_mask, key_valid, token_valid, segments = self._attention_masks(attention_mask, embeds, past_length)
+        if position_ids is not None and attention_mask is None and past_key_values is None:
+            position_ids, segments = _packed_positions(position_ids)  # packed rows, recognised as transformers does
+        if segments is not None:
+            if use_cache or past_key_values is not None:
+                raise ValueError(
+                    f"Packed rows (several sequences in one row) cannot fill or continue a KV cache: got "
+                    f"use_cache={use_cache}; pass use_cache=False."
+                )
+            use_cache = False  # (transformers' text model would otherwise open a cache, which turns packing off)
         if use_cache and past_key_values is None:
             past_key_values = VedasCache(config=self.config.text_config)
-        embeds = self._embed(input_ids, pixel_values, image_grid_thw)
         if position_ids is None:
             position_ids = self.model.compute_3d_position_ids(
-                input_ids=input_ids, inputs_embeds=embeds, image_grid_thw=image_grid_thw, video_grid_thw=None,
-                attention_mask=attention_mask, past_key_values=past_key_values, mm_token_type_ids=mm_token_type_ids,
+                input_ids=input_ids, inputs_embeds=embeds, image_grid_thw=image_inputs["image_grid_thw"],
+                video_grid_thw=None, attention_mask=key_valid, past_key_values=past_key_values,
+                mm_token_type_ids=mm_token_type_ids,
             )
             if position_ids is not None:  # on a cache, HF derives positions for the whole attention mask
-                position_ids = position_ids[..., -input_ids.shape[1] :]
-        length = input_ids.shape[1]
-        token_valid = (
-            attention_mask[:, -length:].bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
-        )
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        prompt_mask = self._prompt_mask(input_ids, labels, token_valid, routing_prompt_length, past_length)
-        state = self._routing_state(token_valid, prompt_mask, record_scores=output_router_scores)
+                position_ids = position_ids[..., -length:]
+        prompt_mask = self._prompt_mask(input_ids, labels, token_valid, routing_prompt_length, past_length, segments)
+        state = self._routing_state(token_valid, prompt_mask, record_scores=output_router_scores, segments=segments)
         outputs = self.model.language_model(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, use_cache=use_cache, vedas_state=state,
+            inputs_embeds=embeds, attention_mask=backbone_mask, position_ids=position_ids,
+            use_cache=use_cache, vedas_state=state, **record, past_key_values=past_key_values,
         )
         hidden = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -257,25 +440,70 @@ class VedasMixin:
         trace = [{"router_scores": state.router_scores}] if output_router_scores else None
         return VedasCausalLMOutput(
             loss=loss, ce_loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+            hidden_states=outputs.get("hidden_states"),
+            attentions=_main_pass_attentions(outputs.get("attentions"), state),
             router_stats=state.router_stats, latent_trace=trace,
         )
 
-    def _prompt_mask(self, input_ids, labels, token_valid, prompt_length=None, past_length=0):
-        """The routing prompt, `(batch, l)` bool over this forward's columns: the columns before the first
-        `<|start_latent|>`, else before the first supervised token, else everything; and never past the first
-        `prompt_length` columns of the sequence (`past_length` columns are in the cache)."""
-        length = input_ids.shape[1]
-        columns = torch.arange(length, device=input_ids.device)[None]
-        end = torch.full((input_ids.shape[0],), length, device=input_ids.device)
+    def _attention_masks(self, attention_mask, embeds, past_length):
+        """Reads a 2-D or 4-D attention mask. Returns the mask for the backbone, `(batch, past + l)` key validity (or
+        None), `(batch, l)` token validity and `(batch, l)` packed-sequence ids (or None)."""
+        batch, length = embeds.shape[:2]
+        if attention_mask is None:
+            return None, None, torch.ones(batch, length, dtype=torch.bool, device=embeds.device), None
+        if attention_mask.ndim == 2:
+            return attention_mask, attention_mask, attention_mask[:, -length:].bool(), None
+        if attention_mask.ndim != 4 or tuple(attention_mask.shape) != (batch, 1, length, past_length + length):
+            raise ValueError(
+                f"attention_mask must be 2-D (batch, {past_length + length}) or 4-D (batch, 1, {length}, "
+                f"{past_length + length}) here, got shape {tuple(attention_mask.shape)}."
+            )
+        # bool: True attends; float: additive, and exp(-1e3) is 0 in every float dtype
+        allowed = attention_mask[:, 0] if attention_mask.dtype == torch.bool else attention_mask[:, 0] > -1e3
+        columns = torch.arange(length, device=embeds.device)
+        token_valid = allowed[:, columns, past_length + columns]  # a real token attends to itself
+        key_valid = torch.cat([(allowed[:, :, :past_length] & token_valid[..., None]).any(1), token_valid], 1)
+        segments = None
+        if self.config.routing_layers:
+            segments = _mask_segments(allowed[:, :, past_length:], token_valid, past_length)
+        if attention_mask.dtype == torch.bool:  # eager attention adds the mask: make it additive
+            backbone_mask = torch.zeros(attention_mask.shape, dtype=embeds.dtype, device=embeds.device)
+            backbone_mask = backbone_mask.masked_fill(~attention_mask, torch.finfo(embeds.dtype).min)
+        else:
+            backbone_mask = attention_mask
+        return backbone_mask, key_valid.long(), token_valid, segments
+
+    def _prompt_mask(self, input_ids, labels, token_valid, prompt_length=None, past_length=0, segments=None):
+        """The routing prompt, `(batch, l)` bool over this forward's columns, per packed sequence (`segments`; one per
+        row when None): its columns before its first `<|start_latent|>`, else before its first supervised token,
+        else all of it; and never past the first `prompt_length` columns of the sequence (`past_length` columns
+        are in the cache).
+
+        A sequence whose first token is already supervised (every token labelled, as in plain language-model data)
+        would have an empty prompt, so nothing would be selected and the router and e(d) would get no gradient: its
+        whole sequence is the prompt instead (top-α over all its tokens), with a one-time warning.
+        """
+        length = token_valid.shape[1]
+        if segments is None:
+            segments = torch.zeros_like(token_valid, dtype=torch.long)
+        prompt = token_valid
         if labels is not None:
-            supervised = labels[:, -length:] != -100
-            end = torch.where(supervised.any(-1), supervised.int().argmax(-1), end)
-        if self.config.start_latent_token_id is not None:
+            by_labels = _before_first(labels[:, -length:] != -100, segments)
+            empty = ~_segment_any(by_labels & token_valid, segments) & _segment_any(token_valid, segments)
+            if bool(empty.any()):
+                self._warn_once(
+                    "all-supervised",
+                    "Every token of some sequence is supervised (labels start at its first token), so it has no "
+                    "routing prompt: top-α runs over the whole sequence.",
+                )
+            prompt = torch.where(empty, token_valid, by_labels)
+        if input_ids is not None and self.config.start_latent_token_id is not None:
             marker = input_ids == self.config.start_latent_token_id
-            end = torch.where(marker.any(-1), marker.int().argmax(-1), end)
+            prompt = torch.where(_segment_any(marker, segments), _before_first(marker, segments), prompt)
         if prompt_length is not None:
-            end = end.clamp(max=max(prompt_length - past_length, 0))
-        return (columns < end[:, None]) & token_valid
+            columns = torch.arange(length, device=token_valid.device)[None]
+            prompt = prompt & (columns < max(prompt_length - past_length, 0))
+        return prompt & token_valid
 
     # ----------------------------------------------------------- latent layout
     def _parse_latent_layout(self, input_ids, attention_mask, slots: int) -> _LatentLayout:
@@ -420,10 +648,16 @@ class VedasMixin:
 
     def _latent_forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, labels,
                         crop_images=None, num_replay_tokens=None, use_cache=None, past_key_values=None,
-                        output_latent_trace=False, position_ids=None, return_hidden_only=False):
+                        output_latent_trace=False, position_ids=None, return_hidden_only=False, inputs_embeds=None,
+                        output_attentions=False, output_hidden_states=False):
         cfg = self.config
         if position_ids is not None:
             raise ValueError("Positions of a latent batch follow from its layout; do not pass position_ids.")
+        if attention_mask is not None and attention_mask.ndim != 2:
+            raise ValueError(
+                f"A latent-layout batch takes a 2-D (batch, seq) attention_mask, got shape "
+                f"{tuple(attention_mask.shape)}: its passes build their own 4-D masks from it."
+            )
         num_replay = cfg.num_replay_tokens if num_replay_tokens is None else num_replay_tokens
         if num_replay < 0:
             raise ValueError(f"num_replay_tokens must be >= 0, got {num_replay}.")
@@ -433,7 +667,7 @@ class VedasMixin:
         layout = self._parse_latent_layout(input_ids, attention_mask, slots)
         batch, length = input_ids.shape
 
-        embeds = self._embed(input_ids, pixel_values, image_grid_thw)
+        embeds = self._embed(input_ids, pixel_values, image_grid_thw, inputs_embeds=inputs_embeds)
         positions = self._latent_position_ids(input_ids, attention_mask, mm_token_type_ids, image_grid_thw)
         mask = attention_mask.clone()
         vis_columns, vis_valid, vis_meta, grids = self._visual_tokens(input_ids, attention_mask, image_grid_thw)
@@ -454,12 +688,16 @@ class VedasMixin:
 
         # A KV cache carries the passes; without one (use_cache=False, or gradient checkpointing, which drops
         # caches inside layers) every pass recomputes the prefix. Both give the same numbers.
-        checkpointing = self.model.language_model.gradient_checkpointing and self.training
-        # (the same rule as `generate`'s: it hands the cache to the answer loop, which must find it filled)
-        cached = use_cache is not False and not checkpointing and not self._global_routing
-        cache = (past_key_values or VedasCache(config=cfg.text_config)) if cached else None
-        prompt_mask = self._prompt_mask(input_ids, None, mask.bool())
+        # labels too: a row without a latent block (stage 0 in a mixed batch) ends its prompt where supervision starts
+        prompt_mask = self._prompt_mask(input_ids, labels, mask.bool())
         prompt_lengths = prompt_mask.sum(-1)
+        checkpointing = self.model.language_model.gradient_checkpointing and self.training
+        # Such a row's prompt may run past the first pass, whose top-α would then see only part of it: recompute
+        # the prefix at every pass instead, so that the last pass routes that row over its whole prompt.
+        prompt_past_first_pass = bool(prompt_mask[:, layout.start + 1 :].any()) and not return_hidden_only
+        # (the same rule as `generate`'s: it hands the cache to the answer loop, which must find it filled)
+        cached = use_cache is not False and not (checkpointing or self._global_routing or prompt_past_first_pass)
+        cache = (past_key_values or VedasCache(config=cfg.text_config)) if cached else None
         compute_recon = (
             self.training and crop_images is not None and cfg.recon_weight > 0 and replay_on and layout.num_steps > 0
         )
@@ -468,7 +706,7 @@ class VedasMixin:
         # generate, to z(T): the answer phase starts from <|end_latent|>)
         last = layout.latent_column(layout.num_steps) + 1 if return_hidden_only else length
         ends = [layout.start + 1] + [layout.latent_column(t) + 1 for t in range(1, layout.num_steps)] + [last]
-        begin, hidden_chunks, router_stats = 0, [], {}
+        begin, hidden_chunks, router_stats, recorded = 0, [], {}, []
         for step, end in enumerate(ends):
             chunk = slice(begin if cached else 0, end)
             capture = replay_on and step < layout.num_steps
@@ -478,11 +716,16 @@ class VedasMixin:
             )
             if capture:
                 state.saliency_columns, state.saliency_valid = vis_columns, vis_valid
-            hidden = self.model.language_model(
+            record = cached or step == layout.num_steps  # without a cache the last pass covers the whole sequence
+            outputs = self.model.language_model(
                 inputs_embeds=embeds[:, chunk], attention_mask=mask[:, :end], position_ids=positions[:, :, chunk],
-                past_key_values=cache, use_cache=cached, vedas_state=state,
-            ).last_hidden_state
+                use_cache=cached, vedas_state=state, past_key_values=cache,
+                output_attentions=output_attentions and record, output_hidden_states=output_hidden_states and record,
+            )
+            hidden = outputs.last_hidden_state
             hidden_chunks.append(hidden)
+            if record and (output_attentions or output_hidden_states):
+                recorded.append((outputs.get("hidden_states"), _main_pass_attentions(outputs.get("attentions"), state)))
             if cached:  # each pass saw new tokens; without a cache the last pass covers the whole sequence
                 _accumulate_router_stats(router_stats, state.router_stats, step)
             else:
@@ -565,9 +808,11 @@ class VedasMixin:
             predictions = self.token_sr(torch.stack(recon_preds))
             recon_loss = nn.functional.mse_loss(predictions.float(), targets.float())
             loss = recon_loss * cfg.recon_weight if loss is None else loss + cfg.recon_weight * recon_loss
+        hidden_states, attentions = _join_passes(recorded, length)
         return VedasCausalLMOutput(
             loss=loss, ce_loss=ce_loss, recon_loss=recon_loss, logits=logits, past_key_values=cache,
             latent_trace=trace if output_latent_trace else None, router_stats=router_stats,
+            hidden_states=hidden_states, attentions=attentions,
         )
 
     # ---------------------------------------------------------------- generate

@@ -9,6 +9,9 @@ their original order) and keep their positions; the result is gated back in:
 In `routing="causal"` mode the selection of a token never depends on a later token: the α best prompt tokens set
 a threshold per sample and layer, and every later token is selected iff its score reaches it. The second pass keeps
 its own keys and values in :class:`VedasCache`, so chunked and token-by-token decoding give the one-shot numbers.
+
+A packed row (several sequences in one row, padding-free training) carries `segments`: each sequence is routed
+as if it were alone (its own prompt, α, threshold, and a second pass that attends within the sequence only).
 """
 
 from dataclasses import dataclass, field
@@ -96,12 +99,17 @@ class VedasForwardState:
     Args:
         token_valid (`(batch, l)` bool): real tokens; padding and unused replay slots are never selected.
         prompt_mask (`(batch, l)` bool): tokens that set the causal-mode threshold (the routing prompt).
-        prompt_lengths (`(batch,)` long): length of the whole prompt, for α given as a fraction.
+        prompt_lengths (`(batch,)` or `(batch, segments)` long): length of the whole prompt (of each segment), for
+            α given as a fraction.
         key_valid (`(batch, n)` bool): keys the main attention may see (for the saliency row).
         saliency_columns (`(batch, v)` long, optional): key columns of the visual tokens. When set, every layer
             adds the attention of the last query over these columns (averaged over heads) to `saliency_sum`.
         rotary_emb (`nn.Module`): the text model's rotary embedding (for `"rearranged"` second-pass positions).
         record_scores (`bool`): keep the full router scores per layer (for traces and plots).
+        segments (`(batch, l)` long, optional): index of the packed sequence each token belongs to, non-decreasing
+            along the row (None: one sequence per row).
+        attention_calls (`list[bool]`): one entry per call of a layer's attention module, True for the layer's own
+            pass and False for a second pass, so that recorded attention maps can be filtered (one per layer).
     """
 
     token_valid: torch.Tensor
@@ -117,23 +125,33 @@ class VedasForwardState:
     saliency_layers: int = 0
     router_stats: dict = field(default_factory=dict)
     router_scores: dict = field(default_factory=dict)
+    segments: torch.Tensor | None = None
+    attention_calls: list = field(default_factory=list)
 
 
-def _top_alpha(scores: torch.Tensor, mask: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, exactly min(k, count) highest-scoring tokens where `mask` (equal scores: the earlier position wins),
-    and the k-th largest score (capped at the row's count; +inf if the row has none).
+def _top_alpha(scores: torch.Tensor, mask: torch.Tensor, k: torch.Tensor,
+               segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row and segment, exactly min(k, count) highest-scoring tokens where `mask` (equal scores: the earlier
+    position wins), and the k-th largest score (capped at the count; +inf where the segment has none).
 
     Ranks rather than `score >= k-th score` keep exactly α even when scores tie (a saturated sigmoid gives 1.0).
-    scores, mask: (batch, l); k: (batch,) long. Returns `(top (batch, l) bool, kth (batch,) float)`.
+    scores, mask: (batch, l); k: (batch, s) long; segments: (batch, l) long in [0, s), non-decreasing along the row.
+    Returns `(top (batch, l) bool, kth (batch, s) float)`.
     """
-    count = mask.sum(-1)
+    length = scores.shape[1]
+    count = torch.zeros_like(k).scatter_add_(1, segments, mask.long())
     k = torch.minimum(k, count)
-    ranked = scores.masked_fill(~mask, float("-inf")).sort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(ranked.indices).scatter_(
-        1, ranked.indices, torch.arange(scores.shape[1], device=scores.device).expand_as(ranked.indices)
-    )
-    top = mask & (rank < k[:, None])
-    kth = ranked.values.gather(1, (k - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+    # best first within the row, then (stable) grouped by segment: each segment's tokens are contiguous, best first
+    by_score = scores.masked_fill(~mask, float("-inf")).sort(dim=-1, descending=True, stable=True)
+    by_segment = segments.gather(1, by_score.indices).sort(dim=-1, stable=True)
+    order = by_score.indices.gather(1, by_segment.indices)
+    values = by_score.values.gather(1, by_segment.indices)
+    sizes = torch.zeros_like(k).scatter_add_(1, segments, torch.ones_like(segments))
+    starts = sizes.cumsum(-1) - sizes  # (batch, s): first sorted slot of each segment
+    rank_sorted = torch.arange(length, device=scores.device)[None] - starts.gather(1, by_segment.values)
+    rank = torch.empty_like(order).scatter_(1, order, rank_sorted)
+    top = mask & (rank < k.gather(1, segments))
+    kth = values.gather(1, (starts + k - 1).clamp(min=0, max=length - 1))
     return top, torch.where(k > 0, kth, torch.full_like(kth, float("inf")))
 
 
@@ -171,6 +189,7 @@ class VedasDecoderLayerMixin:
         )
         if vedas_state is None:
             return hidden_states
+        vedas_state.attention_calls.append(True)
         if vedas_state.saliency_columns is not None:
             self._add_saliency(hidden_states_in, position_embeddings, past_key_values, vedas_state)
         if self.is_routing_layer:
@@ -214,27 +233,29 @@ class VedasDecoderLayerMixin:
         return torch.sigmoid(self.depth_router(hidden_states)).squeeze(-1)
 
     def _alpha(self, state: VedasForwardState) -> torch.Tensor:
-        """α per sample: a count, or a fraction of the prompt length (at least one token)."""
+        """α per sample and segment `(batch, s)`: a count, or a fraction of the prompt length (at least one token)."""
+        lengths = state.prompt_lengths if state.prompt_lengths.ndim == 2 else state.prompt_lengths[:, None]
         if isinstance(self.routing_topk, float):
-            return torch.ceil(self.routing_topk * state.prompt_lengths.float()).long().clamp(min=1)
-        return torch.full_like(state.prompt_lengths, int(self.routing_topk))
+            return torch.ceil(self.routing_topk * lengths.float()).long().clamp(min=1)
+        return torch.full_like(lengths, int(self.routing_topk))
 
     def _route(self, hidden_states, depth, position_embeddings, past_key_values, state: VedasForwardState):
         key = (self.layer_idx, depth)
         cache = past_key_values if isinstance(past_key_values, VedasCache) else None
         scores = self.router_scores(hidden_states)  # (b, l), fp32
         valid = state.token_valid
+        segments = state.segments if state.segments is not None else torch.zeros_like(valid, dtype=torch.long)
         if state.routing_mode == "global":
-            selected, threshold = _top_alpha(scores, valid, self._alpha(state))
+            selected, threshold = _top_alpha(scores, valid, self._alpha(state), segments)
         elif cache is not None and key in cache.routing_thresholds:
-            threshold = cache.routing_thresholds[key]
-            selected = valid & (scores >= threshold[:, None])
+            threshold = cache.routing_thresholds[key][:, None]
+            selected = valid & (scores >= threshold)
         else:  # the prompt's top-α is selected and sets the threshold that every later token must reach
             prompt = state.prompt_mask & valid
-            top, threshold = _top_alpha(scores, prompt, self._alpha(state))
-            selected = torch.where(prompt, top, valid & (scores >= threshold[:, None]))
-            if cache is not None:
-                cache.routing_thresholds[key] = threshold
+            top, threshold = _top_alpha(scores, prompt, self._alpha(state), segments)  # threshold: (b, segments)
+            selected = torch.where(prompt, top, valid & (scores >= threshold.gather(1, segments)))
+            if cache is not None:  # a cache never holds packed rows: one segment
+                cache.routing_thresholds[key] = threshold[:, 0]
 
         # gather the selected tokens in position order: a stable sort puts them first, padding slots after
         counts = selected.sum(-1)
@@ -250,12 +271,17 @@ class VedasDecoderLayerMixin:
         sel_valid = torch.arange(width, device=counts.device)[None] < counts[:, None]
         index = order.unsqueeze(-1)
         h_sel = hidden_states.gather(1, index.expand(-1, -1, hidden_states.shape[-1]))
+        sel_segments = segments.gather(1, order)
 
         past = cache.routing_kv.get(key) if cache is not None else None
         start = cache.routing_positions.get(key) if cache is not None else None
         if self.routing_positions == "rearranged":
             start = torch.zeros_like(counts) if start is None else start
-            positions = start[:, None] + torch.arange(width, device=counts.device)[None]
+            rank = torch.arange(width, device=counts.device)[None].expand(sel_segments.shape[0], -1)
+            # each packed sequence counts its selected tokens from 0 (rank of its first selected token subtracted)
+            first = torch.ones_like(sel_segments, dtype=torch.bool)
+            first[:, 1:] = sel_segments[:, 1:] != sel_segments[:, :-1]
+            positions = start[:, None] + rank - torch.where(first, rank, 0).cummax(-1).values
             cos, sin = state.rotary_emb(h_sel, positions[None].expand(3, -1, -1))
         else:
             cos, sin = (t.gather(1, index.expand(-1, -1, t.shape[-1])) for t in position_embeddings)
@@ -263,10 +289,10 @@ class VedasDecoderLayerMixin:
             base = torch.zeros_like(counts) if start is None else start
             cache.routing_positions[key] = base + counts
 
-        # (b, 1, w, n_past + w) additive mask: valid past keys, causal among the new ones; invalid rows see
-        # themselves only, so no row is fully masked (their output is discarded)
+        # (b, 1, w, n_past + w) additive mask: valid past keys, causal among the new ones of the same packed
+        # sequence; invalid rows see themselves only, so no row is fully masked (their output is discarded)
         new_causal = torch.ones(width, width, dtype=torch.bool, device=counts.device).tril()
-        allowed_new = new_causal[None] & sel_valid[:, None, :]
+        allowed_new = new_causal[None] & sel_valid[:, None, :] & (sel_segments[:, :, None] == sel_segments[:, None, :])
         allowed_new = allowed_new | torch.eye(width, dtype=torch.bool, device=counts.device)[None]
         if past is not None:
             allowed_past = past[2][:, None, :].expand(-1, width, -1) & sel_valid[:, :, None]
@@ -278,6 +304,7 @@ class VedasDecoderLayerMixin:
 
         kv = _SecondPassKV(cache.routing_kv if cache is not None else None, key, past)
         kv.new_valid = sel_valid
+        state.attention_calls.append(False)
         f_sel = super().forward(h_sel, attention_mask=mask, past_key_values=kv, use_cache=True,
                                 position_embeddings=(cos, sin))
         gate = scores.gather(1, order).unsqueeze(-1).to(h_sel.dtype)

@@ -1,5 +1,6 @@
 """Small helpers shared by the tests and the benchmarks: deterministic images, processor inputs, and non-trivial
-values for the Vedas modules (at init e(d) = 0, which makes routing depth scaling a no-op)."""
+values for the Vedas modules (with the default depth_gate_init = 0, e(d) = 0 makes routing depth scaling a
+no-op)."""
 
 import torch
 from PIL import Image
@@ -25,8 +26,21 @@ def make_inputs(processor, questions, images):
     return processor(text=texts, images=flat_images or None, return_tensors="pt", padding=True)
 
 
-def perturb_vedas(model, seed=0, gate=0.5):
-    """Give the router and e(d) non-trivial values so that routing really changes the outputs."""
+def perturb_vedas(model, seed=0, gate=0.5, check_init=True):
+    """Give the router and e(d) non-trivial values so that routing really changes the outputs.
+
+    Meant for untrained (converted or freshly built) models. With `check_init`, e(d) must first hold exactly
+    `config.depth_gate_init`, what every loading path initialises it to: overwriting it unchecked once hid that
+    some paths left it at zero or as uninitialised memory. Pass `check_init=False` for a model already perturbed
+    or trained."""
+    if check_init:
+        for name, param in model.named_parameters():
+            expected = torch.full_like(param, model.config.depth_gate_init)
+            if "depth_step_embed" in name and not torch.equal(param.detach(), expected):
+                raise AssertionError(
+                    f"{name} holds values in [{param.min().item():.3g}, {param.max().item():.3g}], not "
+                    f"depth_gate_init={model.config.depth_gate_init}: this model's e(d) was not initialised."
+                )
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
