@@ -60,11 +60,16 @@ class VedasCausalLMOutput(ModelOutput):
 
 @dataclass
 class VedasGenerateOutput(ModelOutput):
-    """`generate(..., return_dict_in_generate=True)`: HF's fields plus the latent trace."""
+    """`generate(..., return_dict_in_generate=True)` with T > 0: HF's fields (those of beam search included) with
+    the compact sequences `(batch * num_return_sequences, l)`, plus `latent_trace` (one row per prompt)."""
 
     sequences: torch.LongTensor | None = None
+    sequences_scores: torch.FloatTensor | None = None
     scores: tuple | None = None
     logits: tuple | None = None
+    beam_indices: torch.LongTensor | None = None
+    attentions: tuple | None = None
+    hidden_states: tuple | None = None
     past_key_values: VedasCache | None = None
     latent_trace: list | None = None
 
@@ -82,6 +87,27 @@ class _LatentLayout:
 
     def latent_column(self, step: int) -> int:
         return self.start + step * (self.slots + 1)
+
+
+# Bounds on generate's per-call T and K: each latent step is one forward and adds R + 1 columns, so a slip such as
+# num_latent_steps=10000 would run for hours instead of failing at once.
+MAX_LATENT_STEPS = 64
+MAX_REPLAY_TOKENS = 1024
+
+
+def _default(value, fallback):
+    return fallback if value is None else value
+
+
+def _check_count(name: str, value, bound: int) -> int:
+    """`value` as an int in `[0, bound]`, else a one-line ValueError naming it (bools, floats and strings too)."""
+    try:
+        count = None if isinstance(value, bool) else value.__index__()
+    except (AttributeError, TypeError, RuntimeError):
+        count = None
+    if count is None or not 0 <= count <= bound:
+        raise ValueError(f"{name} must be an integer in [0, {bound}], got {value!r}.")
+    return count
 
 
 def _accumulate_router_stats(total: dict, new: dict, passes_before: int):
@@ -388,7 +414,7 @@ class VedasMixin:
         if latent_id is None:
             return False
         if input_ids is not None:
-            return bool((input_ids == latent_id).any())
+            return self._has_latent_slots(input_ids)  # a <|latent|> after the latent block is an ordinary token
         latent_row = self.model.get_input_embeddings()(torch.tensor(latent_id, device=inputs_embeds.device))
         if bool((inputs_embeds == latent_row.to(inputs_embeds.dtype)).all(-1).any()):
             raise ValueError(
@@ -510,14 +536,23 @@ class VedasMixin:
         """Check the latent layout of every row and return where things are; errors name the offending row."""
         cfg = self.config
         is_start = input_ids == cfg.start_latent_token_id
-        is_latent = input_ids == cfg.latent_token_id
-        steps = is_latent.sum(-1)
+        in_block = self._latent_block(input_ids)  # tokens after the block (the answer) are ordinary tokens
+        is_start = is_start & in_block
+        steps = ((input_ids == cfg.latent_token_id) & in_block).sum(-1)
         for row in range(input_ids.shape[0]):
             if int(is_start[row].sum()) != 1 and int(steps[row]) > 0:
                 raise ValueError(
                     f"Sample {row} of the batch has {int(steps[row])} <|latent|> slots but "
                     f"{int(is_start[row].sum())} <|start_latent|> markers (expected exactly one)."
                 )
+        compact = (steps > 0) & ~((input_ids == cfg.replay_token_id) & in_block).any(-1)
+        if slots > 0 and bool(compact.any()):
+            row = int(compact.int().argmax())
+            raise ValueError(
+                f"Sample {row} of the batch has {int(steps[row])} <|latent|> slots without their {slots} <|replay|> "
+                f"slots each (generate's compact output): expand it with model.expand_latent_sequences(input_ids, "
+                f"attention_mask, mm_token_type_ids) before calling forward."
+            )
         has_start = is_start.any(-1)
         start_columns = is_start.int().argmax(-1)[has_start].unique()
         if start_columns.numel() != 1:
@@ -560,7 +595,7 @@ class VedasMixin:
         positions of the tokens they copy at each step), unless `replay_positions="sequential"`."""
         text_mask = attention_mask.bool()
         if self.config.replay_positions == "original":
-            text_mask = text_mask & (input_ids != self.config.replay_token_id)
+            text_mask = text_mask & ~((input_ids == self.config.replay_token_id) & self._latent_block(input_ids))
         if mm_token_type_ids is None:
             mm_token_type_ids = torch.zeros_like(input_ids, dtype=torch.int)
         if image_grid_thw is None:  # text only: 1-D positions over the counted tokens
@@ -816,14 +851,34 @@ class VedasMixin:
         )
 
     # ---------------------------------------------------------------- generate
+    def _latent_block(self, input_ids):
+        """`(batch, l)` bool: the columns of each row's latent block, from its first `<|start_latent|>` up to (not
+        including) the first `<|end_latent|>` after it, or to the row's end if the block is not closed. A
+        `<|latent|>` or `<|replay|>` outside it (one the model generates in its answer) is an ordinary token."""
+        cfg = self.config
+        if cfg.start_latent_token_id is None or input_ids is None:
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        opened = (input_ids == cfg.start_latent_token_id).cumsum(-1) > 0
+        closed = ((input_ids == cfg.end_latent_token_id) & opened).cumsum(-1) > 0
+        return opened & ~closed
+
+    def _has_latent_slots(self, input_ids) -> bool:
+        """Whether `input_ids` hold `<|latent|>` slots in a latent block (then forward runs the latent forward)."""
+        latent = self.config.latent_token_id
+        if input_ids is None or latent is None:
+            return False
+        return bool(((input_ids == latent) & self._latent_block(input_ids)).any())
+
     def build_latent_layout(self, input_ids, attention_mask, mm_token_type_ids=None, num_latent_steps=None,
                             num_replay_tokens=None):
         """Append `<|start_latent|>` (if missing) and T steps of `[<|replay|> x R, <|latent|>]` to left-padded
-        prompts. Returns `(input_ids, attention_mask, mm_token_type_ids)` in the latent layout (without
-        `<|end_latent|>`)."""
+        prompts `(batch, l)`. Returns `(input_ids, attention_mask, mm_token_type_ids)`, `(batch, l')`, in the latent
+        layout (without `<|end_latent|>`)."""
         cfg = self.config
-        steps = cfg.num_latent_steps if num_latent_steps is None else num_latent_steps
-        slots = self._replay_slots(cfg.num_replay_tokens if num_replay_tokens is None else num_replay_tokens)
+        steps = _check_count("num_latent_steps", _default(num_latent_steps, cfg.num_latent_steps), MAX_LATENT_STEPS)
+        num_replay = _check_count("num_replay_tokens", _default(num_replay_tokens, cfg.num_replay_tokens),
+                                  MAX_REPLAY_TOKENS)
+        slots = self._replay_slots(num_replay)
         if attention_mask is not None and not bool(attention_mask[:, -1].all()):
             raise ValueError(
                 "Latent generation needs left-padded prompts (the last column is padding for some rows): set "
@@ -843,16 +898,135 @@ class VedasMixin:
         return input_ids, attention_mask, mm_token_type_ids
 
     def compact_latent_sequences(self, sequences):
-        """Drop `<|replay|>` slots so that the returned sequences show one `<|latent|>` per step."""
-        keep = sequences != self.config.replay_token_id
-        lengths = keep.sum(-1)
-        if bool((lengths == lengths[0]).all()):
-            return sequences[keep].view(sequences.shape[0], -1)
-        pad = self.generation_config.pad_token_id or 0
-        out = torch.full((sequences.shape[0], int(lengths.max())), pad, dtype=sequences.dtype, device=sequences.device)
-        for row in range(sequences.shape[0]):
-            out[row, : int(lengths[row])] = sequences[row][keep[row]]
-        return out
+        """Drop the `<|replay|>` slots of the latent block, `(batch, l)` -> `(batch, l')`, so that the returned
+        sequences show one `<|latent|>` per step (a `<|replay|>` generated in the answer stays). Rows that lose
+        different numbers of columns are right-padded with the pad token."""
+        drop = (sequences == self.config.replay_token_id) & self._latent_block(sequences)
+        lengths = (~drop).sum(-1)
+        width = int(lengths.max()) if sequences.shape[0] else 0
+        # a stable sort puts the kept columns first, in their order
+        out = sequences.gather(1, torch.sort(drop.to(torch.int8), dim=-1, stable=True).indices[:, :width])
+        pad = self.generation_config.pad_token_id
+        return out.masked_fill(torch.arange(width, device=out.device)[None] >= lengths[:, None], pad or 0)
+
+    def expand_latent_sequences(self, input_ids, attention_mask=None, mm_token_type_ids=None,
+                                num_replay_tokens=None):
+        """The inverse of `compact_latent_sequences`: insert R `<|replay|>` slots before each `<|latent|>` of the
+        latent block, `(batch, l)` -> `(batch, l + T * R)`, so that `generate`'s output can be fed to `forward`
+        (teacher forcing). The block must sit in the same columns in every row, as `generate` returns it. Returns
+        `(input_ids, attention_mask, mm_token_type_ids)`; a block that already has its slots comes back as is."""
+        cfg = self.config
+        num_replay = _check_count("num_replay_tokens", _default(num_replay_tokens, cfg.num_replay_tokens),
+                                  MAX_REPLAY_TOKENS)
+        slots = self._replay_slots(num_replay)
+        block = self._latent_block(input_ids)
+        latent = (input_ids == cfg.latent_token_id) & block
+        if slots == 0 or not bool(latent.any()) or bool(((input_ids == cfg.replay_token_id) & block).any()):
+            return input_ids, attention_mask, mm_token_type_ids
+        moved = (latent != latent[:1]).any(-1)
+        if bool(moved.any()):
+            raise ValueError(
+                f"Row {int(moved.int().argmax())} of input_ids has its <|latent|> slots in other columns than row 0: "
+                f"left-pad the rows so that the latent block sits in the same columns in every row."
+            )
+        repeats = 1 + slots * latent[0].long()  # each latent column becomes R replay slots and itself
+        columns = torch.arange(input_ids.shape[1], device=input_ids.device)
+        source = torch.repeat_interleave(columns, repeats)
+        copy = torch.arange(source.shape[0], device=input_ids.device) - (repeats.cumsum(0) - repeats)[source]
+        is_slot = copy < repeats[source] - 1
+        input_ids = input_ids[:, source].masked_fill(is_slot[None], cfg.replay_token_id)
+        attention_mask = attention_mask[:, source] if attention_mask is not None else None
+        mm_token_type_ids = mm_token_type_ids[:, source] if mm_token_type_ids is not None else None
+        return input_ids, attention_mask, mm_token_type_ids
+
+    def _prefilled_latent_block(self, input_ids, attention_mask, mm_token_type_ids, num_latent_steps, num_replay):
+        """For a prompt that already holds a whole latent block (such as `generate`'s own output fed back):
+        `(input_ids, attention_mask, mm_token_type_ids, T)` with its replay slots re-inserted; None for a prompt
+        without one. The latents are hidden states, not tokens: they are recomputed from the prompt."""
+        cfg = self.config
+        if input_ids is None or None in (cfg.start_latent_token_id, cfg.end_latent_token_id):
+            return None
+        opened = (input_ids == cfg.start_latent_token_id).cumsum(-1) > 0
+        closed = ((input_ids == cfg.end_latent_token_id) & opened).any(-1)
+        open_end = opened[:, -1] & ~closed & (input_ids[:, -1] != cfg.start_latent_token_id)
+        if bool(open_end.any()):
+            raise ValueError(
+                f"Row {int(open_end.int().argmax())} of input_ids has a <|start_latent|> without its <|end_latent|>: "
+                f"pass the prompt alone (generate appends the latent block) or a whole sequence that generate returned."
+            )
+        if not bool(closed.any()):
+            return None
+        if not bool(closed.all()):
+            raise ValueError(
+                f"Row {int((~closed).int().argmax())} of input_ids has no latent block while other rows have one: "
+                f"feed back whole sequences that generate returned, or prompts alone."
+            )
+        steps = ((input_ids == cfg.latent_token_id) & self._latent_block(input_ids)).sum(-1)
+        if bool((steps != steps[0]).any()) or (num_latent_steps is not None and num_latent_steps != int(steps[0])):
+            raise ValueError(
+                f"input_ids already hold a latent block of {steps.tolist()} steps per row but num_latent_steps="
+                f"{num_latent_steps}: leave num_latent_steps unset to rerun the block (the same in every row), or "
+                f"pass the prompt without it."
+            )
+        ids, mask, types = self.expand_latent_sequences(input_ids, attention_mask, mm_token_type_ids, num_replay)
+        return ids, mask, types, int(steps[0])
+
+    def _generation_setting(self, kwargs: dict, name: str):
+        """The value `generate` will use for a generation-config field: the call's keyword, else a non-None value of
+        a passed `generation_config`, else the model's `generation_config`."""
+        if name in kwargs:
+            return kwargs[name]
+        passed = getattr(kwargs.get("generation_config"), name, None)
+        return passed if passed is not None else getattr(self.generation_config, name, None)
+
+    def _validate_latent_generate(self, kwargs: dict, steps: int):
+        """Refuse, before any work and in one line, what Vedas generation cannot do (see `generate`)."""
+        for name in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp"):
+            value = self._generation_setting(kwargs, name)
+            if value not in (None, False) and (steps > 0 or self.config.routing_layers):
+                shown = value if isinstance(value, (int, float)) else type(value).__name__
+                raise ValueError(
+                    f"{name}={shown} asks for assisted (draft-and-verify) decoding, which Vedas does not support: it "
+                    f"crops rejected draft tokens from the KV cache, and the routing cache (second-pass keys and "
+                    f"thresholds) and the latent steps cannot be cropped. Decode without it."
+                )
+        implementation = self._generation_setting(kwargs, "cache_implementation")
+        if implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={implementation!r} is not supported: Vedas keeps routing thresholds, "
+                f"second-pass keys and the latent steps in a dynamic VedasCache that generate builds itself; leave "
+                f"cache_implementation unset (static caches and torch.compile'd decoding cannot hold that state)."
+            )
+        cache = kwargs.get("past_key_values")
+        if cache is not None and not isinstance(cache, VedasCache):
+            raise ValueError(
+                f"past_key_values={type(cache).__name__} is not supported: Vedas generation needs a VedasCache "
+                f"(routing thresholds and second-pass keys per row); pass none and generate builds one."
+            )
+        if cache is not None and steps > 0 and cache.get_seq_length() > 0:
+            raise ValueError(
+                f"past_key_values holds {cache.get_seq_length()} tokens, but latent generation starts from the "
+                f"prompt: pass no cache (generate prefills one with the prompt and the latent steps)."
+            )
+        if self._generation_setting(kwargs, "compile_config") is not None:
+            raise ValueError(
+                "compile_config is not supported: compiled decoding needs a static cache, and Vedas keeps its routing "
+                "and latent state in a dynamic VedasCache; call generate without compile_config."
+            )
+        if implementation == "dynamic":  # what generate builds anyway; HF refuses it next to a passed cache
+            kwargs["cache_implementation"] = None
+
+    def _hf_generate(self, **kwargs):
+        """transformers' `generate`, with the KV cache passed under the installed version's name."""
+        if "past_key_values" in kwargs and CACHE_ARG != "past_key_values":
+            kwargs[CACHE_ARG] = kwargs.pop("past_key_values")
+        return self._hf_generate(**kwargs)
+
+    def _hf_generate(self, **kwargs):
+        """transformers' `generate`, with the KV cache passed under the installed version's name."""
+        if "past_key_values" in kwargs and CACHE_ARG != "past_key_values":
+            kwargs[CACHE_ARG] = kwargs.pop("past_key_values")
+        return super().generate(**kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
@@ -860,83 +1034,142 @@ class VedasMixin:
                  **kwargs):
         r"""
         Latent generation: prefill, T latent steps (each one forward of R + 1 tokens on the cache), then
-        `<|end_latent|>` and the answer through the standard HF generation loop (greedy, sampling, streamers,
-        stopping criteria all apply).
+        `<|end_latent|>` and the answer through the standard HF generation loop: greedy, sampling, beam search,
+        beam sampling, `num_return_sequences`, streamers, stopping criteria and stop strings all apply. The latent
+        steps run once per prompt; their cache and routing state are then repeated for the beams / returned
+        sequences, so `latent_trace` has one row per prompt.
 
-        num_latent_steps (`int`, *optional*): T; defaults to `config.num_latent_steps`. 0 is the plain model.
-        num_replay_tokens (`int`, *optional*): K for this call.
+        num_latent_steps (`int`, *optional*): T, in `[0, MAX_LATENT_STEPS]`; defaults to `config.num_latent_steps`.
+            0 is the plain model.
+        num_replay_tokens (`int`, *optional*): K for this call, in `[0, MAX_REPLAY_TOKENS]`.
         output_latent_trace (`bool`): with `return_dict_in_generate=True`, also return `latent_trace`.
 
         The returned sequences hold the prompt (with `<|start_latent|>`), one `<|latent|>` per step,
-        `<|end_latent|>` and the answer.
+        `<|end_latent|>` and the answer. They can be fed back as `input_ids` (e.g. to continue with more
+        `max_new_tokens`): a prompt that already holds a whole latent block gets no new one; its latent steps are
+        recomputed (latents are hidden states, not tokens) and decoding continues after its last token. Leave
+        `num_latent_steps` unset then, or equal to the block's T. For `forward`, expand them first with
+        `expand_latent_sequences`. A `<|latent|>` the model generates in its answer is an ordinary token.
+
+        Refused before any work, in one line: assisted and prompt-lookup decoding (the routing cache cannot be
+        cropped), static caches, `cache_implementation` other than dynamic, `compile_config`, and non-integer or
+        out-of-range T and K.
         """
+        if "cache" in kwargs:  # the name from transformers 5.24 on
+            kwargs["past_key_values"] = kwargs.pop("cache")
         cfg = self.config
-        steps = cfg.num_latent_steps if num_latent_steps is None else num_latent_steps
-        use_cache = kwargs.pop("use_cache", True)
-        if self._global_routing:
-            use_cache = False
-        image_kwargs = {"pixel_values": pixel_values, "image_grid_thw": image_grid_thw}
+        num_replay = _check_count("num_replay_tokens", _default(num_replay_tokens, cfg.num_replay_tokens),
+                                  MAX_REPLAY_TOKENS)
+        steps = _check_count("num_latent_steps", _default(num_latent_steps, cfg.num_latent_steps), MAX_LATENT_STEPS)
+        if mm_token_type_ids is None and pixel_values is not None and input_ids is not None:
+            mm_token_type_ids = (input_ids == cfg.image_token_id).int()  # what the processor returns (images only)
+        prefilled = self._prefilled_latent_block(input_ids, attention_mask, mm_token_type_ids, num_latent_steps,
+                                                 num_replay)
+        if prefilled is not None:
+            input_ids, attention_mask, mm_token_type_ids, steps = prefilled
+        self._validate_latent_generate(kwargs, steps)
+        use_cache = self._generation_setting(kwargs, "use_cache") is not False and not self._global_routing
+        kwargs.pop("use_cache", None)
+        kwargs.update(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
         if steps == 0:
-            if use_cache:
-                kwargs.setdefault("past_key_values", VedasCache(config=cfg.text_config))
-            else:  # each step recomputes the sequence: the generated tokens must not join the routing prompt
+            if use_cache and kwargs.get("past_key_values") is None:
+                kwargs["past_key_values"] = VedasCache(config=cfg.text_config)
+            elif not use_cache:  # each step recomputes the sequence: the generated tokens must not join the prompt
                 kwargs.setdefault("routing_prompt_length", input_ids.shape[1])
-            return super().generate(
-                input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
-                use_cache=use_cache, **image_kwargs, **kwargs,
-            )
+            return self._hf_generate(input_ids=input_ids, attention_mask=attention_mask,
+                                    mm_token_type_ids=mm_token_type_ids, use_cache=use_cache, **kwargs)
         if None in (cfg.start_latent_token_id, cfg.latent_token_id, cfg.end_latent_token_id, cfg.replay_token_id):
             raise ValueError("This checkpoint has no latent special tokens; convert it with examples/convert_base.py.")
-        num_replay = cfg.num_replay_tokens if num_replay_tokens is None else num_replay_tokens
-        layout_ids, layout_mask, layout_types = self.build_latent_layout(
-            input_ids, attention_mask, mm_token_type_ids, steps, num_replay
-        )
-        end = torch.full_like(layout_ids[:, :1], cfg.end_latent_token_id)
-        full_ids = torch.cat([layout_ids, end], dim=1)
-        if layout_types is not None:
-            layout_types = torch.cat([layout_types, torch.zeros_like(end).to(layout_types.dtype)], dim=1)
-        return_dict = kwargs.get("return_dict_in_generate", False)
-        trace = None
-
-        if not use_cache:  # every step recomputes the whole latent forward (slow, exact)
-            full_mask = torch.cat([layout_mask, torch.ones_like(end)], dim=1)
-            outputs = super().generate(
-                input_ids=full_ids, attention_mask=full_mask, mm_token_type_ids=layout_types, use_cache=False,
-                num_replay_tokens=num_replay, **image_kwargs, **kwargs,
+        if prefilled is None:
+            input_ids, attention_mask, mm_token_type_ids = self._append_latent_block(
+                input_ids, attention_mask, mm_token_type_ids, steps, num_replay
             )
-            if output_latent_trace and return_dict:
+        elif attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self._generate_latent(input_ids, attention_mask, mm_token_type_ids, num_replay, use_cache,
+                                     output_latent_trace, kwargs)
+
+    def _append_latent_block(self, input_ids, attention_mask, mm_token_type_ids, steps, num_replay):
+        """The prompt's latent layout with `<|end_latent|>` appended: `(input_ids, attention_mask,
+        mm_token_type_ids)`, `(batch, l')`."""
+        ids, mask, types = self.build_latent_layout(input_ids, attention_mask, mm_token_type_ids, steps, num_replay)
+        end = torch.full_like(ids[:, :1], self.config.end_latent_token_id)
+        if types is not None:
+            types = torch.cat([types, torch.zeros_like(end).to(types.dtype)], dim=1)
+        return torch.cat([ids, end], dim=1), torch.cat([mask, torch.ones_like(end)], dim=1), types
+
+    def _generate_latent(self, full_ids, full_mask, types, num_replay, use_cache, output_latent_trace, kwargs):
+        """The latent steps, then the HF loop from `<|end_latent|>` on, over the full layout `(batch, l)`."""
+        pixel_values, image_grid_thw = kwargs["pixel_values"], kwargs["image_grid_thw"]
+        latent_args = dict(num_replay_tokens=num_replay, return_hidden_only=True)
+        wants_trace = output_latent_trace and bool(self._generation_setting(kwargs, "return_dict_in_generate"))
+        cache = kwargs.pop("past_key_values", None)
+        trace = None
+        if not use_cache:  # every step recomputes the whole latent forward (slow, exact)
+            outputs = self._hf_generate(input_ids=full_ids, attention_mask=full_mask, mm_token_type_ids=types,
+                                       use_cache=False, num_replay_tokens=num_replay, **kwargs)
+            if wants_trace:
                 # the HF loop keeps no per-forward outputs; the latent steps are the same in every recomputation
                 # (they never see the answer), so one more latent forward gives the trace the cached path returns
-                trace = self._latent_forward(
-                    full_ids, full_mask, pixel_values, image_grid_thw, layout_types, None,
-                    num_replay_tokens=num_replay, use_cache=False, output_latent_trace=True, return_hidden_only=True,
-                )[4]
+                trace = self._latent_forward(full_ids, full_mask, pixel_values, image_grid_thw, types, None,
+                                             use_cache=False, output_latent_trace=True, **latent_args)[4]
         else:
-            full_mask = torch.cat([layout_mask, torch.ones_like(end)], dim=1)
-            hidden, cache, positions, mask, trace = self._latent_forward(
-                full_ids, full_mask, pixel_values, image_grid_thw, layout_types, None,
-                num_replay_tokens=num_replay, use_cache=True, output_latent_trace=output_latent_trace,
-                return_hidden_only=True,
+            _, cache, positions, mask, trace = self._latent_forward(
+                full_ids, full_mask, pixel_values, image_grid_thw, types, None, use_cache=True,
+                past_key_values=cache, output_latent_trace=wants_trace, **latent_args,
             )
             # the answer continues the text position counter after the last latent; keep rope_deltas consistent
             self.model.rope_deltas = positions[0, :, -1:] - mask.sum(-1, keepdim=True) + 1
-            outputs = super().generate(
-                input_ids=full_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                use_cache=True, **kwargs,
-            )
-        if return_dict:
-            outputs = VedasGenerateOutput(
-                sequences=self.compact_latent_sequences(outputs.sequences), scores=outputs.get("scores"),
-                logits=outputs.get("logits"), past_key_values=outputs.get("past_key_values"),
-                latent_trace=trace if output_latent_trace else None,
-            )
-            return outputs
-        return self.compact_latent_sequences(outputs)
+            # the images are in the cache; the HF loop expands the cache for beams (_expand_inputs_for_generation)
+            kwargs.update(pixel_values=None, image_grid_thw=None)
+            outputs = self._hf_generate(input_ids=full_ids, attention_mask=mask, position_ids=positions,
+                                       past_key_values=cache, use_cache=True, **kwargs)
+        if isinstance(outputs, torch.Tensor):
+            return self.compact_latent_sequences(outputs)
+        fields = {key: value for key, value in outputs.items() if key in VedasGenerateOutput.__dataclass_fields__}
+        fields["sequences"] = self.compact_latent_sequences(outputs.sequences)
+        return VedasGenerateOutput(**fields, latent_trace=trace if wants_trace else None)
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """HF's expansion to `batch * expand_size` rows (beams, `num_return_sequences`), plus what it cannot know:
+        each sample's images are repeated as a group (HF would repeat single patch rows of `pixel_values`), and a
+        cache that `generate` prefilled with the latent steps for `batch` rows is expanded with its routing state."""
+        pixel_values, grid = model_kwargs.pop("pixel_values", None), model_kwargs.pop("image_grid_thw", None)
+        expanded, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if expand_size > 1 and pixel_values is not None and grid is not None and input_ids is not None:
+            pixel_values, grid = self._expand_images(input_ids, pixel_values, grid, expand_size)
+        model_kwargs.update(pixel_values=pixel_values, image_grid_thw=grid)
+        for value in model_kwargs.values():
+            if (
+                expand_size > 1 and isinstance(value, VedasCache) and input_ids is not None
+                and value.get_seq_length() > 0 and value.layers[0].keys.shape[0] == input_ids.shape[0]
+            ):
+                value.batch_repeat_interleave(expand_size)
+        return expanded, model_kwargs
+
+    def _expand_images(self, input_ids, pixel_values, image_grid_thw, expand_size):
+        """Each row's images repeated as a group, `expand_size` times, in row order: `pixel_values` `(patches, d)` and
+        `image_grid_thw` `(images, 3)` for the rows of `input_ids.repeat_interleave(expand_size, 0)`."""
+        patches = image_grid_thw.prod(-1)
+        tokens = patches // self.config.vision_config.spatial_merge_size**2
+        row_ends = (input_ids == self.config.image_token_id).sum(-1).cumsum(0)
+        image_row = torch.searchsorted(row_ends, tokens.cumsum(0).to(row_ends.dtype))  # the row holding each image
+        count = patches.shape[0]
+        copies = torch.arange(expand_size, device=patches.device)[:, None]
+        key = (image_row.to(patches.device)[None] * expand_size + copies) * count
+        key = key + torch.arange(count, device=patches.device)
+        images = key.flatten().argsort() % count  # (row, copy, image) order
+        sizes = patches[images]
+        starts = (patches.cumsum(0) - patches)[images]
+        offsets = torch.arange(int(sizes.sum()), device=patches.device)
+        index = torch.repeat_interleave(starts - (sizes.cumsum(0) - sizes), sizes) + offsets  # each image's patch rows
+        return pixel_values[index.to(pixel_values.device)], image_grid_thw[images]
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         # latent layouts derive their positions inside forward
-        input_ids = model_kwargs.get("input_ids", inputs_tensor)
-        if self.config.latent_token_id is not None and bool((input_ids == self.config.latent_token_id).any()):
+        if self._has_latent_slots(model_kwargs.get("input_ids", inputs_tensor)):
             return None
         return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)
 

@@ -260,14 +260,15 @@ def test_four_d_mask_equals_two_d_mask(backbone, vedas_dirs, kind):
 
 # ------------------------------------------------------------------------------------------------- packed rows
 @pytest.mark.filterwarnings("ignore:Every token of some sequence is supervised")  # the one-token sequence
-@pytest.mark.parametrize("routing_positions", ["original", "rearranged"])
-def test_packed_rows_equal_each_sequence_alone(backbone, vedas_dirs, routing_positions):
+@pytest.mark.parametrize("settings", ["default", "rearranged", "global"])
+def test_packed_rows_equal_each_sequence_alone(backbone, vedas_dirs, settings):
     """DataCollatorWithFlattening's layout (one row, position_ids restarting, no attention mask) gives each
-    sequence's logits and loss terms alone, with routing active; so do 4-row positions and a block-diagonal 4-D
-    mask."""
-    if backbone == "qwen2_5_vl" and routing_positions == "rearranged":
-        pytest.skip("the rearranged positions are backbone-independent")
-    model, processor = routed_model(vedas_dirs, backbone, routing_positions=routing_positions)
+    sequence's logits alone, with routing active (causal and global selection, original and rearranged
+    second-pass positions); so do 4-row positions and a block-diagonal 4-D mask."""
+    if backbone == "qwen2_5_vl" and settings != "default":
+        pytest.skip("the routing variants are backbone-independent")
+    overrides = {"default": {}, "rearranged": {"routing_positions": "rearranged"}, "global": {"routing": "global"}}
+    model, processor = routed_model(vedas_dirs, backbone, **overrides[settings])
     sequences = [processor.tokenizer(text, return_tensors="pt")["input_ids"] for text in TEXTS]
     labels = [ids.clone().index_fill_(1, torch.arange(ids.shape[1] // 2), -100) for ids in sequences]
     alone = [run(model, input_ids=ids, labels=lab).logits[0] for ids, lab in zip(sequences, labels)]

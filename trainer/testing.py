@@ -34,9 +34,9 @@ def perturb_vedas(model, seed=0, gate=0.5, check_init=True):
     some paths left it at zero or as uninitialised memory. Pass `check_init=False` for a model already perturbed
     or trained."""
     if check_init:
-        for name, param in model.named_parameters():
-            expected = torch.full_like(param, model.config.depth_gate_init)
-            if "depth_step_embed" in name and not torch.equal(param.detach(), expected):
+        gates = {name: param for name, param in model.named_parameters() if "depth_step_embed" in name}
+        for name, param in gates.items():
+            if not torch.equal(param.detach(), torch.full_like(param, model.config.depth_gate_init)):
                 raise AssertionError(
                     f"{name} holds values in [{param.min().item():.3g}, {param.max().item():.3g}], not "
                     f"depth_gate_init={model.config.depth_gate_init}: this model's e(d) was not initialised."
