@@ -1016,18 +1016,6 @@ class VedasMixin:
         if implementation == "dynamic":  # what generate builds anyway; HF refuses it next to a passed cache
             kwargs["cache_implementation"] = None
 
-    def _hf_generate(self, **kwargs):
-        """transformers' `generate`, with the KV cache passed under the installed version's name."""
-        if "past_key_values" in kwargs and CACHE_ARG != "past_key_values":
-            kwargs[CACHE_ARG] = kwargs.pop("past_key_values")
-        return self._hf_generate(**kwargs)
-
-    def _hf_generate(self, **kwargs):
-        """transformers' `generate`, with the KV cache passed under the installed version's name."""
-        if "past_key_values" in kwargs and CACHE_ARG != "past_key_values":
-            kwargs[CACHE_ARG] = kwargs.pop("past_key_values")
-        return super().generate(**kwargs)
-
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  mm_token_type_ids=None, num_latent_steps=None, num_replay_tokens=None, output_latent_trace=False,
@@ -1076,7 +1064,7 @@ class VedasMixin:
                 kwargs["past_key_values"] = VedasCache(config=cfg.text_config)
             elif not use_cache:  # each step recomputes the sequence: the generated tokens must not join the prompt
                 kwargs.setdefault("routing_prompt_length", input_ids.shape[1])
-            return self._hf_generate(input_ids=input_ids, attention_mask=attention_mask,
+            return super().generate(input_ids=input_ids, attention_mask=attention_mask,
                                     mm_token_type_ids=mm_token_type_ids, use_cache=use_cache, **kwargs)
         if None in (cfg.start_latent_token_id, cfg.latent_token_id, cfg.end_latent_token_id, cfg.replay_token_id):
             raise ValueError("This checkpoint has no latent special tokens; convert it with examples/convert_base.py.")
@@ -1106,7 +1094,7 @@ class VedasMixin:
         cache = kwargs.pop("past_key_values", None)
         trace = None
         if not use_cache:  # every step recomputes the whole latent forward (slow, exact)
-            outputs = self._hf_generate(input_ids=full_ids, attention_mask=full_mask, mm_token_type_ids=types,
+            outputs = super().generate(input_ids=full_ids, attention_mask=full_mask, mm_token_type_ids=types,
                                        use_cache=False, num_replay_tokens=num_replay, **kwargs)
             if wants_trace:
                 # the HF loop keeps no per-forward outputs; the latent steps are the same in every recomputation
@@ -1122,7 +1110,7 @@ class VedasMixin:
             self.model.rope_deltas = positions[0, :, -1:] - mask.sum(-1, keepdim=True) + 1
             # the images are in the cache; the HF loop expands the cache for beams (_expand_inputs_for_generation)
             kwargs.update(pixel_values=None, image_grid_thw=None)
-            outputs = self._hf_generate(input_ids=full_ids, attention_mask=mask, position_ids=positions,
+            outputs = super().generate(input_ids=full_ids, attention_mask=mask, position_ids=positions,
                                        past_key_values=cache, use_cache=True, **kwargs)
         if isinstance(outputs, torch.Tensor):
             return self.compact_latent_sequences(outputs)

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoProcessor
 
 from conftest import BACKBONES, load_vedas, make_inputs, perturb_vedas, quadrant_image
-from vedas.routing_vedas import DepthStepEmbedding
+from vedas.routing_vedas import DepthStepEmbedding, VedasCache
 from vedas_trainer.checkpoint import BACKBONES as CLASSES
 
 
@@ -249,6 +249,18 @@ def test_four_d_mask_equals_two_d_mask(backbone, vedas_dirs, kind):
     torch.testing.assert_close(got.logits[valid], expected.logits[valid], rtol=1e-5, atol=1e-5)
     for key, stats in expected.router_stats.items():
         assert float(got.router_stats[key]["selected"]) == float(stats["selected"])
+
+    # on a cache: the last tokens continue the prompt, with the 4-D rows of those queries over all keys
+    split, full_mask = valid.shape[1] - 2, four_d(inputs["attention_mask"], kind)
+    outputs = {}
+    for name, (first, second) in {"2-D": (inputs["attention_mask"][:, :split], inputs["attention_mask"]),
+                                  "4-D": (full_mask[:, :, :split, :split], full_mask[:, :, split:])}.items():
+        cache = VedasCache(config=model.config.text_config)
+        run(model, **{**inputs, "input_ids": inputs["input_ids"][:, :split], "attention_mask": first,
+                      "mm_token_type_ids": inputs["mm_token_type_ids"][:, :split]}, past_key_values=cache, use_cache=True)
+        outputs[name] = run(model, input_ids=inputs["input_ids"][:, split:], attention_mask=second,
+                            mm_token_type_ids=inputs["mm_token_type_ids"], past_key_values=cache, use_cache=True).logits
+    torch.testing.assert_close(outputs["4-D"], outputs["2-D"], rtol=1e-5, atol=1e-5)
 
     bidirectional = inputs["attention_mask"].bool()[:, None, None, :].expand(-1, 1, valid.shape[1], -1)
     with pytest.raises(ValueError, match="not causal attention over padding and packed sequences"):
