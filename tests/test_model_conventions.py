@@ -256,8 +256,9 @@ def test_four_d_mask_equals_two_d_mask(backbone, vedas_dirs, kind):
     for name, (first, second) in {"2-D": (inputs["attention_mask"][:, :split], inputs["attention_mask"]),
                                   "4-D": (full_mask[:, :, :split, :split], full_mask[:, :, split:])}.items():
         cache = VedasCache(config=model.config.text_config)
-        run(model, **{**inputs, "input_ids": inputs["input_ids"][:, :split], "attention_mask": first,
-                      "mm_token_type_ids": inputs["mm_token_type_ids"][:, :split]}, past_key_values=cache, use_cache=True)
+        prefix = {**inputs, "input_ids": inputs["input_ids"][:, :split], "attention_mask": first,
+                  "mm_token_type_ids": inputs["mm_token_type_ids"][:, :split]}
+        run(model, **prefix, past_key_values=cache, use_cache=True)
         outputs[name] = run(model, input_ids=inputs["input_ids"][:, split:], attention_mask=second,
                             mm_token_type_ids=inputs["mm_token_type_ids"], past_key_values=cache, use_cache=True).logits
     torch.testing.assert_close(outputs["4-D"], outputs["2-D"], rtol=1e-5, atol=1e-5)
