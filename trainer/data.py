@@ -872,7 +872,7 @@ def _check_foreign_fields(r: _RowReader, fmt: str) -> None:
         owners = sorted(name for name, fields in FORMAT_FIELDS.items() if field in fields)
         if owners:
             raise r.error(field, f"the {fmt} format does not read this field, so it would be dropped; the row looks "
-                                 f"like {' or '.join(owners)} data (choose that format)")
+                                 f"like {' or '.join(owners)} data (choose that format, or remove the field)")
 
 
 # ----------------------------------------------------------------------------------------------------
