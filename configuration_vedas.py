@@ -5,12 +5,60 @@ latent-reasoning phase between the prompt and the answer. The settings live in :
 the two backbone-specific configs :class:`VedasConfig` (Qwen2-VL) and :class:`Vedas25Config` (Qwen2.5-VL).
 
 The special tokens are defined here and only here (:data:`SPECIAL_TOKENS`).
+
+This module is the first of the remote code that transformers imports, so it also checks the installed transformers
+against :data:`TRANSFORMERS_RANGE` (one line: the installed and the supported versions) before anything else runs.
 """
 
 import math
 from dataclasses import dataclass, field
 
-from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+import transformers
+
+
+# The transformers releases this code supports: the first and the last minor version, both included. setup.py and
+# MODEL_CARD.md state the same range; the CI compatibility job (.ci/compat) runs the core equivalences on each one.
+TRANSFORMERS_RANGE = ("5.22", "5.24")
+
+
+def _minor_version(version: str) -> tuple[int, int]:
+    """`"5.24.0"` -> `(5, 24)`; suffixes are ignored (`"5.25.0.dev0"` -> `(5, 25)`, `"5.23.0rc1"` -> `(5, 23)`)."""
+    numbers = []
+    for piece in version.split(".")[:2]:
+        digits = ""
+        for char in piece:
+            if not char.isdigit():
+                break
+            digits += char
+        numbers.append(int(digits) if digits else 0)
+    return tuple(numbers + [0] * (2 - len(numbers)))
+
+
+def transformers_requirement() -> str:
+    """The pip specifier of :data:`TRANSFORMERS_RANGE`: `">=5.22,<5.25"`."""
+    low, high = TRANSFORMERS_RANGE
+    major, minor = _minor_version(high)
+    return f">={low},<{major}.{minor + 1}"
+
+
+def check_transformers_version(installed: str) -> None:
+    """Raise a one-line ImportError naming `installed` and the supported versions if `installed` is outside
+    :data:`TRANSFORMERS_RANGE`."""
+    low, high = TRANSFORMERS_RANGE
+    if not _minor_version(low) <= _minor_version(installed) <= _minor_version(high):
+        raise ImportError(
+            f"This Vedas code supports transformers {low} to {high} (pip install "
+            f"'transformers{transformers_requirement()}'), but transformers {installed} is installed."
+        )
+
+
+check_transformers_version(transformers.__version__)
+
+# transformers 5.24 renamed the KV cache argument and output field `past_key_values` to `cache` (keeping the old name
+# as a deprecated alias): the remote code passes and returns the cache under the installed version's name.
+CACHE_ARG = "cache" if _minor_version(transformers.__version__) >= (5, 24) else "past_key_values"
+
+from transformers import Qwen2_5_VLConfig, Qwen2VLConfig  # noqa: E402 (after the version check)
 
 
 START_LATENT_TOKEN = "<|start_latent|>"

@@ -20,7 +20,7 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 
-from .configuration_vedas import Vedas25Config, VedasConfig
+from .configuration_vedas import CACHE_ARG, Vedas25Config, VedasConfig
 from .replay_vedas import crop_and_resize, find_dense_window, patchify_images, select_replay, window_to_pixel_box
 from .routing_vedas import (
     DepthStepEmbedding,
@@ -31,7 +31,28 @@ from .routing_vedas import (
 )
 
 
-@dataclass
+def _output_dataclass(cls):
+    """`@dataclass` for a `ModelOutput` whose KV cache field is written `past_key_values`: the field takes the
+    installed transformers' name, `cache` from 5.24 on (generate then reads `outputs["cache"]`, and
+    `past_key_values` is a read-only alias), `past_key_values` before. `__init__` accepts both names."""
+    if CACHE_ARG == "past_key_values":
+        return dataclass(cls)
+    cls.__annotations__ = {CACHE_ARG if k == "past_key_values" else k: v for k, v in cls.__annotations__.items()}
+    setattr(cls, CACHE_ARG, None)
+    delattr(cls, "past_key_values")
+    cls = dataclass(cls)
+    init = cls.__init__
+
+    def __init__(self, *args, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            kwargs[CACHE_ARG] = past_key_values
+        init(self, *args, **kwargs)
+
+    type.__setattr__(cls, "__init__", __init__)  # not through ModelOutput's metaclass, which warns on the old name
+    return cls
+
+
+@_output_dataclass
 class VedasCausalLMOutput(ModelOutput):
     """
     Args:
@@ -39,7 +60,7 @@ class VedasCausalLMOutput(ModelOutput):
         ce_loss: next-token cross-entropy on the supervised tokens.
         recon_loss: self-distillation MSE averaged over latent steps and samples (training with crop images).
         logits: `(batch, seq, vocab)`.
-        past_key_values: the `VedasCache`.
+        past_key_values: the `VedasCache` (named `cache` from transformers 5.24 on).
         hidden_states: with `output_hidden_states`, `num_layers + 1` tensors `(batch, seq, hidden)`: the embeddings,
             then each layer's output (the last after the final norm: the logits are computed from it).
         attentions: with `output_attentions` (eager attention), one `(batch, heads, seq, seq + past)` map per layer.
@@ -58,7 +79,7 @@ class VedasCausalLMOutput(ModelOutput):
     attentions: tuple | None = None
 
 
-@dataclass
+@_output_dataclass
 class VedasGenerateOutput(ModelOutput):
     """`generate(..., return_dict_in_generate=True)` with T > 0: HF's fields (those of beam search included) with
     the compact sequences `(batch * num_return_sequences, l)`, plus `latent_trace` (one row per prompt)."""
@@ -379,6 +400,7 @@ class VedasMixin:
             raise NotImplementedError("Vedas replays image tokens; video inputs are not supported.")
         if input_ids is None and inputs_embeds is None:
             raise ValueError("Pass input_ids (or, for a plain forward, inputs_embeds).")
+        past_key_values = kwargs.pop("cache", past_key_values)  # its name from transformers 5.24 on
         self._check_cache(past_key_values)
         cfg = self.config
         attentions_default, hidden_default = (
@@ -446,7 +468,7 @@ class VedasMixin:
         if position_ids is None:
             position_ids = self.model.compute_3d_position_ids(
                 input_ids=input_ids, inputs_embeds=embeds, image_grid_thw=image_inputs["image_grid_thw"],
-                video_grid_thw=None, attention_mask=key_valid, past_key_values=past_key_values,
+                video_grid_thw=None, attention_mask=key_valid, **{CACHE_ARG: past_key_values},
                 mm_token_type_ids=mm_token_type_ids,
             )
             if position_ids is not None:  # on a cache, HF derives positions for the whole attention mask
@@ -455,7 +477,7 @@ class VedasMixin:
         state = self._routing_state(token_valid, prompt_mask, record_scores=output_router_scores, segments=segments)
         outputs = self.model.language_model(
             inputs_embeds=embeds, attention_mask=backbone_mask, position_ids=position_ids,
-            use_cache=use_cache, vedas_state=state, **record, past_key_values=past_key_values,
+            use_cache=use_cache, vedas_state=state, **record, **{CACHE_ARG: past_key_values},
         )
         hidden = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -465,7 +487,7 @@ class VedasMixin:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
         trace = [{"router_scores": state.router_scores}] if output_router_scores else None
         return VedasCausalLMOutput(
-            loss=loss, ce_loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+            loss=loss, ce_loss=loss, logits=logits, past_key_values=outputs.get(CACHE_ARG),
             hidden_states=outputs.get("hidden_states"),
             attentions=_main_pass_attentions(outputs.get("attentions"), state),
             router_stats=state.router_stats, latent_trace=trace,
@@ -754,7 +776,7 @@ class VedasMixin:
             record = cached or step == layout.num_steps  # without a cache the last pass covers the whole sequence
             outputs = self.model.language_model(
                 inputs_embeds=embeds[:, chunk], attention_mask=mask[:, :end], position_ids=positions[:, :, chunk],
-                use_cache=cached, vedas_state=state, past_key_values=cache,
+                use_cache=cached, vedas_state=state, **{CACHE_ARG: cache},
                 output_attentions=output_attentions and record, output_hidden_states=output_hidden_states and record,
             )
             hidden = outputs.last_hidden_state
@@ -1016,6 +1038,12 @@ class VedasMixin:
         if implementation == "dynamic":  # what generate builds anyway; HF refuses it next to a passed cache
             kwargs["cache_implementation"] = None
 
+    def _hf_generate(self, **kwargs):
+        """transformers' `generate`, with the KV cache passed under the installed version's name."""
+        if "past_key_values" in kwargs and CACHE_ARG != "past_key_values":
+            kwargs[CACHE_ARG] = kwargs.pop("past_key_values")
+        return super().generate(**kwargs)
+
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None,
                  mm_token_type_ids=None, num_latent_steps=None, num_replay_tokens=None, output_latent_trace=False,
@@ -1064,8 +1092,8 @@ class VedasMixin:
                 kwargs["past_key_values"] = VedasCache(config=cfg.text_config)
             elif not use_cache:  # each step recomputes the sequence: the generated tokens must not join the prompt
                 kwargs.setdefault("routing_prompt_length", input_ids.shape[1])
-            return super().generate(input_ids=input_ids, attention_mask=attention_mask,
-                                    mm_token_type_ids=mm_token_type_ids, use_cache=use_cache, **kwargs)
+            return self._hf_generate(input_ids=input_ids, attention_mask=attention_mask,
+                                     mm_token_type_ids=mm_token_type_ids, use_cache=use_cache, **kwargs)
         if None in (cfg.start_latent_token_id, cfg.latent_token_id, cfg.end_latent_token_id, cfg.replay_token_id):
             raise ValueError("This checkpoint has no latent special tokens; convert it with examples/convert_base.py.")
         if prefilled is None:
@@ -1094,8 +1122,8 @@ class VedasMixin:
         cache = kwargs.pop("past_key_values", None)
         trace = None
         if not use_cache:  # every step recomputes the whole latent forward (slow, exact)
-            outputs = super().generate(input_ids=full_ids, attention_mask=full_mask, mm_token_type_ids=types,
-                                       use_cache=False, num_replay_tokens=num_replay, **kwargs)
+            outputs = self._hf_generate(input_ids=full_ids, attention_mask=full_mask, mm_token_type_ids=types,
+                                        use_cache=False, num_replay_tokens=num_replay, **kwargs)
             if wants_trace:
                 # the HF loop keeps no per-forward outputs; the latent steps are the same in every recomputation
                 # (they never see the answer), so one more latent forward gives the trace the cached path returns
@@ -1110,8 +1138,8 @@ class VedasMixin:
             self.model.rope_deltas = positions[0, :, -1:] - mask.sum(-1, keepdim=True) + 1
             # the images are in the cache; the HF loop expands the cache for beams (_expand_inputs_for_generation)
             kwargs.update(pixel_values=None, image_grid_thw=None)
-            outputs = super().generate(input_ids=full_ids, attention_mask=mask, position_ids=positions,
-                                       past_key_values=cache, use_cache=True, **kwargs)
+            outputs = self._hf_generate(input_ids=full_ids, attention_mask=mask, position_ids=positions,
+                                        past_key_values=cache, use_cache=True, **kwargs)
         if isinstance(outputs, torch.Tensor):
             return self.compact_latent_sequences(outputs)
         fields = {key: value for key, value in outputs.items() if key in VedasGenerateOutput.__dataclass_fields__}

@@ -22,6 +22,8 @@ from transformers import DynamicCache
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer, rotate_half
 
+from .configuration_vedas import CACHE_ARG
+
 
 class VedasCache(DynamicCache):
     """A `DynamicCache` that also holds what routing layers carry between forwards.
@@ -177,12 +179,13 @@ class VedasDecoderLayerMixin:
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, vedas_state: VedasForwardState | None = None, **kwargs):
+        past_key_values = kwargs.pop("cache", past_key_values)  # its name since transformers 5.24
         hidden_states_in = hidden_states
         hidden_states = super().forward(
             hidden_states,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            **{CACHE_ARG: past_key_values},
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
@@ -305,7 +308,7 @@ class VedasDecoderLayerMixin:
         kv = _SecondPassKV(cache.routing_kv if cache is not None else None, key, past)
         kv.new_valid = sel_valid
         state.attention_calls.append(False)
-        f_sel = super().forward(h_sel, attention_mask=mask, past_key_values=kv, use_cache=True,
+        f_sel = super().forward(h_sel, attention_mask=mask, use_cache=True, **{CACHE_ARG: kv},
                                 position_embeddings=(cos, sin))
         gate = scores.gather(1, order).unsqueeze(-1).to(h_sel.dtype)
         delta = (f_sel - h_sel) * gate * self.depth_step_embed.weight[depth] * sel_valid.unsqueeze(-1)

@@ -9,7 +9,22 @@ Two import packages are installed from this repository:
                        (A top-level ``trainer`` import would clash with an unrelated PyPI project.)
 """
 
+import ast
+from pathlib import Path
+
 from setuptools import setup
+
+
+def transformers_requirement() -> str:
+    """`transformers>=5.22,<5.25` from `TRANSFORMERS_RANGE` in configuration_vedas.py, the range's one definition
+    (read, not imported: transformers may not be installed yet)."""
+    source = (Path(__file__).resolve().parent / "configuration_vedas.py").read_text()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "TRANSFORMERS_RANGE":
+            low, high = ast.literal_eval(node.value)
+            major, minor = (int(part) for part in high.split(".")[:2])
+            return f"transformers>={low},<{major}.{minor + 1}"
+    raise RuntimeError("configuration_vedas.py defines no TRANSFORMERS_RANGE")
 
 setup(
     name="vedas",
@@ -24,7 +39,7 @@ setup(
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",
-        "transformers>=5.23,<5.24",
+        transformers_requirement(),
         "accelerate>=1.10",
         "peft>=0.17",
         "datasets>=3.0",
