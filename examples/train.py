@@ -682,6 +682,14 @@ def run(argv=None) -> int:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
         print(f"train.py: error: {rank}{err}", file=sys.stderr, flush=True)
+        error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+        if error_file:  # torchrun's failure summary then shows this message instead of "To enable traceback see"
+            try:
+                with open(error_file, "w") as file:
+                    json.dump({"message": {"message": f"{type(err).__name__}: {err}",
+                                           "extraInfo": {"timestamp": str(int(time.time()))}}}, file)
+            except OSError:
+                pass
         return 2
     return 0
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from test_train_entrypoint import CONFIGS, REPO, TIMEOUT, TRAIN, _env, _run, _train_module
+from test_train_entrypoint import CONFIGS, REPO, TIMEOUT, TRAIN, _env, _free_port, _run, _train_module
 
 
 RECIPE = CONFIGS / "recipe_m3cot.yaml"
@@ -144,32 +144,41 @@ def test_data_error_is_one_line_from_a_real_process(tmp_path):
 THREADS_LINE = re.compile(r"CPU threads per process: (\d+) \((.*)\)")
 
 
-def _threads_under_accelerate(tmp_path, launch_options=(), omp=None):
+def _threads_under_accelerate(tmp_path, launch_options=("--num_processes", "1"), omp=None):
     """torch.get_num_threads() that train.py logs under a plain `accelerate launch` (1 process, no config file).
     The run stops at argument checking, right after the threads are set."""
     env = {**_env(tmp_path), "HF_HOME": str(tmp_path / "hf_home")}
     env.pop("OMP_NUM_THREADS")
     if omp is not None:
         env["OMP_NUM_THREADS"] = str(omp)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "-q", "--num_processes", "1", *launch_options,
+    command = [sys.executable, "-m", "accelerate.commands.launch", "-q", *launch_options,
                TRAIN, "--use_cpu", "true", "--dataset", "missing.jsonl", "--dataset_format", "m3cot"]
     result = subprocess.run([str(c) for c in command], cwd=REPO, env=env, capture_output=True, text=True,
                             timeout=TIMEOUT)
-    # the child's one-line error, and with -q no traceback from accelerate either
-    assert result.returncode == 1 and "train.py: error: --dataset: no such data file: 'missing.jsonl'" in result.stderr
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    (match,) = THREADS_LINE.findall(result.stderr)
-    return int(match[0]), match[1]
+    # the child's one-line error; with -q and one process, no traceback from accelerate either
+    assert result.returncode == 1 and "train.py: error: " in result.stderr
+    assert "--dataset: no such data file: 'missing.jsonl'" in result.stderr, result.stderr[-3000:]
+    if "--config_file" not in launch_options:
+        assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    found = THREADS_LINE.findall(result.stderr)
+    assert len(set(found)) == 1, found  # every process alike
+    return int(found[0][0]), found[0][1], result.stderr
 
 
 def test_accelerate_launch_uses_the_cores_unless_the_user_chose(tmp_path):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    threads, reason = _threads_under_accelerate(tmp_path)
+    threads, reason, _ = _threads_under_accelerate(tmp_path)
     assert threads == cores // 1 and reason.startswith(f"{cores} cores // 1 local process"), reason
-    threads, reason = _threads_under_accelerate(tmp_path, ["--num_cpu_threads_per_process", "1"])
+    threads, reason, _ = _threads_under_accelerate(
+        tmp_path, ["--num_processes", "1", "--num_cpu_threads_per_process", "1"])
     assert (threads, reason) == (1, "--num_cpu_threads_per_process 1 given to the launcher")
-    threads, reason = _threads_under_accelerate(tmp_path, omp=1)
+    threads, reason, _ = _threads_under_accelerate(tmp_path, omp=1)
     assert (threads, reason) == (1, "OMP_NUM_THREADS=1 set by the user")
+    # two processes through torchrun: the cores are shared, and torchrun's failure summary names the error
+    two = ["--config_file", CONFIGS / "multi_cpu_gloo.yaml", "--main_process_port", _free_port()]
+    threads, reason, stderr = _threads_under_accelerate(tmp_path, two)
+    assert threads == max(cores // 2, 1) and reason.startswith(f"{cores} cores // 2 local process"), reason
+    assert "traceback : UsageError: --dataset: no such data file: 'missing.jsonl'" in stderr
 
 
 # ----------------------------------------------------------------------------- evaluation during a tiny real run
