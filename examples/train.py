@@ -321,7 +321,7 @@ def configure_cpu_threads() -> str:
         if launcher is None:
             return f"OMP_NUM_THREADS={value} set by the user"
         cmdline, environ = launcher
-        if any(token.startswith("--num_cpu_threads_per_process") for token in cmdline):
+        if any(token.lstrip("-").replace("-", "_").startswith("num_cpu_threads_per_process") for token in cmdline):
             return f"--num_cpu_threads_per_process {value} given to the launcher"
         if "OMP_NUM_THREADS" in environ:
             return f"OMP_NUM_THREADS={value} set by the user"
