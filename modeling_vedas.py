@@ -450,10 +450,12 @@ class VedasMixin:
                        image_inputs, mm_token_type_ids, logits_to_keep=0, routing_prompt_length=None,
                        output_router_scores=False, **record) -> VedasCausalLMOutput:
         """The backbone over `(batch, l)` new tokens (`past` more in the cache), with routing depth scaling."""
-        embeds = self._embed(input_ids, *image_inputs.values(), inputs_embeds=inputs_embeds)
-        length = embeds.shape[1]
+        # masks, packing and the cache are checked before any work (the image tower included)
+        tokens = input_ids if input_ids is not None else inputs_embeds[..., 0]
+        dtype = inputs_embeds.dtype if inputs_embeds is not None else self.model.get_input_embeddings().weight.dtype
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        backbone_mask, key_valid, token_valid, segments = self._attention_masks(attention_mask, embeds, past_length)
+        backbone_mask, key_valid, token_valid, segments = self._attention_masks(attention_mask, tokens, past_length,
+                                                                                dtype)
         if position_ids is not None and attention_mask is None and past_key_values is None:
             position_ids, segments = _packed_positions(position_ids)  # packed rows, recognised as transformers does
         if segments is not None:
@@ -465,6 +467,8 @@ class VedasMixin:
             use_cache = False  # (transformers' text model would otherwise open a cache, which turns packing off)
         if use_cache and past_key_values is None:
             past_key_values = VedasCache(config=self.config.text_config)
+        embeds = self._embed(input_ids, *image_inputs.values(), inputs_embeds=inputs_embeds)
+        length = embeds.shape[1]
         if position_ids is None:
             position_ids = self.model.compute_3d_position_ids(
                 input_ids=input_ids, inputs_embeds=embeds, image_grid_thw=image_inputs["image_grid_thw"],
@@ -493,12 +497,13 @@ class VedasMixin:
             router_stats=state.router_stats, latent_trace=trace,
         )
 
-    def _attention_masks(self, attention_mask, embeds, past_length):
-        """Reads a 2-D or 4-D attention mask. Returns the mask for the backbone, `(batch, past + l)` key validity (or
-        None), `(batch, l)` token validity and `(batch, l)` packed-sequence ids (or None)."""
-        batch, length = embeds.shape[:2]
+    def _attention_masks(self, attention_mask, tokens, past_length, dtype):
+        """Reads a 2-D or 4-D attention mask for `tokens` `(batch, l)`. Returns the mask for the backbone (a bool 4-D
+        one made additive in `dtype`), `(batch, past + l)` key validity (or None), `(batch, l)` token validity and
+        `(batch, l)` packed-sequence ids (or None)."""
+        batch, length = tokens.shape[:2]
         if attention_mask is None:
-            return None, None, torch.ones(batch, length, dtype=torch.bool, device=embeds.device), None
+            return None, None, torch.ones(batch, length, dtype=torch.bool, device=tokens.device), None
         if attention_mask.ndim == 2:
             return attention_mask, attention_mask, attention_mask[:, -length:].bool(), None
         if attention_mask.ndim != 4 or tuple(attention_mask.shape) != (batch, 1, length, past_length + length):
@@ -508,15 +513,15 @@ class VedasMixin:
             )
         # bool: True attends; float: additive, and exp(-1e3) is 0 in every float dtype
         allowed = attention_mask[:, 0] if attention_mask.dtype == torch.bool else attention_mask[:, 0] > -1e3
-        columns = torch.arange(length, device=embeds.device)
+        columns = torch.arange(length, device=tokens.device)
         token_valid = allowed[:, columns, past_length + columns]  # a real token attends to itself
         key_valid = torch.cat([(allowed[:, :, :past_length] & token_valid[..., None]).any(1), token_valid], 1)
         segments = None
         if self.config.routing_layers:
             segments = _mask_segments(allowed[:, :, past_length:], token_valid, past_length)
         if attention_mask.dtype == torch.bool:  # eager attention adds the mask: make it additive
-            backbone_mask = torch.zeros(attention_mask.shape, dtype=embeds.dtype, device=embeds.device)
-            backbone_mask = backbone_mask.masked_fill(~attention_mask, torch.finfo(embeds.dtype).min)
+            backbone_mask = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+            backbone_mask = backbone_mask.masked_fill(~attention_mask, torch.finfo(dtype).min)
         else:
             backbone_mask = attention_mask
         return backbone_mask, key_valid.long(), token_valid, segments

@@ -264,8 +264,12 @@ def test_four_d_mask_equals_two_d_mask(backbone, vedas_dirs, kind):
     torch.testing.assert_close(outputs["4-D"], outputs["2-D"], rtol=1e-5, atol=1e-5)
 
     bidirectional = inputs["attention_mask"].bool()[:, None, None, :].expand(-1, 1, valid.shape[1], -1)
+    vision_calls = []  # refused before any work: the vision tower never runs
+    handle = model.model.visual.register_forward_hook(lambda *args: vision_calls.append(1))
     with pytest.raises(ValueError, match="not causal attention over padding and packed sequences"):
         run(model, **{**inputs, "attention_mask": bidirectional})
+    handle.remove()
+    assert not vision_calls
     batch = latent_batch(model, inputs)
     with pytest.raises(ValueError, match="latent-layout batch takes a 2-D"):
         run(model, **{**batch, "attention_mask": four_d(batch["attention_mask"], kind)})
