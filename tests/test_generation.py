@@ -253,7 +253,8 @@ def test_returned_sequences_can_be_fed_back(qwen2):
     with pytest.raises(ValueError, match="latent block of \\[2, 2\\] steps per row but num_latent_steps=3"):
         model.generate(**fed, num_latent_steps=3, max_new_tokens=1)
     # forward: the compact block is refused with what to do; expanded, it gives generate's scores
-    types = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(fed["attention_mask"][:, inputs["input_ids"].shape[1] :]).int()], 1)
+    tail = fed["attention_mask"][:, inputs["input_ids"].shape[1] :]
+    types = torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(tail)], 1)
     image_args = dict(pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
     with pytest.raises(ValueError, match="expand it with model.expand_latent_sequences"):
         model(input_ids=first, attention_mask=fed["attention_mask"], mm_token_type_ids=types, **image_args)
@@ -300,3 +301,18 @@ def test_step_and_replay_counts_are_validated(qwen2, name, value):
     expected = re.escape(f"{name} must be an integer in [0, ") + r"\d+" + re.escape(f"], got {value!r}.")
     message = refused_before_any_work(model, inputs, expected, **{name: value})
     assert repr(value) in message
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_beams_without_latent_steps_are_the_base_models(backbone, base_dirs, vedas_dirs):
+    """At T = 0 an unconverted-equivalent Vedas model is its base: beam search over a batch with images, whose
+    `pixel_values` must be repeated per sample (not per patch row) for the beams, gives the base model's beams."""
+    from vedas_trainer.checkpoint import load_base
+
+    base, _ = load_base(base_dirs[backbone])
+    model, processor = load_vedas(vedas_dirs[backbone], num_replay_tokens=0)
+    inputs = two_prompts(processor)
+    args = dict(max_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False)
+    ours = model.generate(**inputs, num_latent_steps=0, **args)
+    theirs = base.eval().generate(**inputs, **args)
+    assert ours.shape[0] == 4 and torch.equal(ours, theirs)  # (scores differ: the 4 new rows join the softmax)
