@@ -116,8 +116,11 @@ MAX_LATENT_STEPS = 64
 MAX_REPLAY_TOKENS = 1024
 
 
-def _default(value, fallback):
-    return fallback if value is None else value
+def _per_call(name: str, value, config, bound: int) -> int:
+    """A call's T or K (`value`, else the config's field `name`), checked by `_check_count`."""
+    if value is None:
+        return _check_count(f"config.{name}", getattr(config, name), bound)
+    return _check_count(name, value, bound)
 
 
 def _check_count(name: str, value, bound: int) -> int:
@@ -902,10 +905,8 @@ class VedasMixin:
         prompts `(batch, l)`. Returns `(input_ids, attention_mask, mm_token_type_ids)`, `(batch, l')`, in the latent
         layout (without `<|end_latent|>`)."""
         cfg = self.config
-        steps = _check_count("num_latent_steps", _default(num_latent_steps, cfg.num_latent_steps), MAX_LATENT_STEPS)
-        num_replay = _check_count("num_replay_tokens", _default(num_replay_tokens, cfg.num_replay_tokens),
-                                  MAX_REPLAY_TOKENS)
-        slots = self._replay_slots(num_replay)
+        steps = _per_call("num_latent_steps", num_latent_steps, cfg, MAX_LATENT_STEPS)
+        slots = self._replay_slots(_per_call("num_replay_tokens", num_replay_tokens, cfg, MAX_REPLAY_TOKENS))
         if attention_mask is not None and not bool(attention_mask[:, -1].all()):
             raise ValueError(
                 "Latent generation needs left-padded prompts (the last column is padding for some rows): set "
@@ -943,9 +944,7 @@ class VedasMixin:
         (teacher forcing). The block must sit in the same columns in every row, as `generate` returns it. Returns
         `(input_ids, attention_mask, mm_token_type_ids)`; a block that already has its slots comes back as is."""
         cfg = self.config
-        num_replay = _check_count("num_replay_tokens", _default(num_replay_tokens, cfg.num_replay_tokens),
-                                  MAX_REPLAY_TOKENS)
-        slots = self._replay_slots(num_replay)
+        slots = self._replay_slots(_per_call("num_replay_tokens", num_replay_tokens, cfg, MAX_REPLAY_TOKENS))
         block = self._latent_block(input_ids)
         latent = (input_ids == cfg.latent_token_id) & block
         if slots == 0 or not bool(latent.any()) or bool(((input_ids == cfg.replay_token_id) & block).any()):
@@ -1079,9 +1078,8 @@ class VedasMixin:
         if "cache" in kwargs:  # the name from transformers 5.24 on
             kwargs["past_key_values"] = kwargs.pop("cache")
         cfg = self.config
-        num_replay = _check_count("num_replay_tokens", _default(num_replay_tokens, cfg.num_replay_tokens),
-                                  MAX_REPLAY_TOKENS)
-        steps = _check_count("num_latent_steps", _default(num_latent_steps, cfg.num_latent_steps), MAX_LATENT_STEPS)
+        num_replay = _per_call("num_replay_tokens", num_replay_tokens, cfg, MAX_REPLAY_TOKENS)
+        steps = _per_call("num_latent_steps", num_latent_steps, cfg, MAX_LATENT_STEPS)
         if mm_token_type_ids is None and pixel_values is not None and input_ids is not None:
             mm_token_type_ids = (input_ids == cfg.image_token_id).int()  # what the processor returns (images only)
         prefilled = self._prefilled_latent_block(input_ids, attention_mask, mm_token_type_ids, num_latent_steps,

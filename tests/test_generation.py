@@ -316,3 +316,14 @@ def test_beams_without_latent_steps_are_the_base_models(backbone, base_dirs, ved
     ours = model.generate(**inputs, num_latent_steps=0, **args)
     theirs = base.eval().generate(**inputs, **args)
     assert ours.shape[0] == 4 and torch.equal(ours, theirs)  # (scores differ: the 4 new rows join the softmax)
+
+
+def test_config_step_count_out_of_range_is_named(qwen2):
+    model, processor = qwen2
+    inputs = make_inputs(processor, ["what colour ?"], [quadrant_image()])
+    saved, model.config.num_latent_steps = model.config.num_latent_steps, 100  # valid config, too many to run
+    try:
+        expected = re.escape("config.num_latent_steps must be an integer in [0, 64], got 100")
+        refused_before_any_work(model, inputs, expected)
+    finally:
+        model.config.num_latent_steps = saved
