@@ -100,6 +100,10 @@ class VedasTrainingArguments(TrainingArguments):
     reset_optimizer_at_stage: bool = field(
         default=False, metadata={"help": "Clear the optimizer state (Adam moments) whenever the stage changes."}
     )
+    skip_curriculum: bool = field(
+        default=False, metadata={"help": "After the CoT warm-up, train every epoch at max_latent_stage (all steps "
+                                         "latent) instead of one more step per stage: the no-curriculum ablation."}
+    )
     # the collator consumes the raw sample columns (images, question, steps, ...), which are not forward() arguments
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay False for Vedas: the collator needs the raw sample columns."}
@@ -146,6 +150,7 @@ class CurriculumCallback(TrainerCallback):
         epochs_per_stage: int,
         reset_optimizer: bool = False,
         warmup_epochs: int | None = None,
+        skip_curriculum: bool = False,
     ):
         if epochs_per_stage < 1:
             raise ValueError(f"epochs_per_stage must be >= 1, got {epochs_per_stage}")
@@ -155,11 +160,14 @@ class CurriculumCallback(TrainerCallback):
         self.epochs_per_stage = int(epochs_per_stage)
         self.warmup_epochs = self.epochs_per_stage if warmup_epochs is None else int(warmup_epochs)
         self.reset_optimizer = reset_optimizer
+        self.skip_curriculum = skip_curriculum  # every epoch after the warm-up at the last stage
         self._logged_stage = None
 
     def stage_for_epoch(self, epoch: int) -> int:
         if epoch < self.warmup_epochs:
             return 0
+        if self.skip_curriculum:
+            return getattr(self.collator, "max_latent_stage", 1)
         return 1 + (epoch - self.warmup_epochs) // self.epochs_per_stage
 
     def _effective(self, stage: int) -> int:
@@ -250,7 +258,7 @@ class VedasTrainer(Trainer):
             self.add_callback(
                 CurriculumCallback(
                     self.data_collator, self.args.epochs_per_stage, reset_optimizer=self.args.reset_optimizer_at_stage,
-                    warmup_epochs=self.args.cot_warmup_epochs,
+                    warmup_epochs=self.args.cot_warmup_epochs, skip_curriculum=self.args.skip_curriculum,
                 )
             )
         self._metric_sums: dict[str, torch.Tensor] = {}
