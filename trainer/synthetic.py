@@ -60,6 +60,8 @@ __all__ = [
     "build_splits",
     "synthetic_vocabulary",
     "synthetic_features",
+    "TASK_PRESETS",
+    "expand_task_kwargs",
 ]
 
 # One cell = one merged visual token: 14 px patches, merged 2 x 2 by Qwen2-VL's PatchMerger.
@@ -376,6 +378,34 @@ def scene_hash(sample: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------------
+
+# Named task settings, chosen with ``{"preset": NAME}`` in the task options (train.py ``--task_kwargs``,
+# evaluate.py / visualize.py ``--task-kwargs``); any other key overrides the preset's value.
+# "lookback": a 5 x 5 board (25 visual tokens instead of 9) and always 3 moves, so 4 steps, one per latent step of
+# the embedded curriculum (max_latent_stage 4): each latent step has one cell to find among 25, where replay of
+# K = 2 tokens would hit it by chance 8% of the time (22% on the 3 x 3 board). The tints give every cell a pale
+# colour that encodes its row and column, so a cell named by its coordinates can be found by content.
+TASK_PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "lookback": {"grid": 5, "n_moves": [3, 3], "coordinate_tints": True},
+}
+
+
+def expand_task_kwargs(task_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """``make_sample`` keywords from task options that may name a preset: ``{"preset": "lookback", "mc_prob": 0}``
+    gives the preset's keywords with ``mc_prob`` replaced. Without ``"preset"`` the options are returned as given."""
+    options = dict(task_kwargs or {})
+    name = options.pop("preset", None)
+    if name is None:
+        return options
+    if name not in TASK_PRESETS:
+        raise ValueError(f"unknown task preset {name!r}; expected one of {sorted(TASK_PRESETS)}")
+    return {**TASK_PRESETS[name], **options}
+
+
+# --------------------------------------------------------------------------------------------------
 # datasets
 # --------------------------------------------------------------------------------------------------
 
@@ -457,6 +487,7 @@ def build_synthetic_dataset(
     :func:`make_sample` (``grid``, ``n_moves``, ``form``, ...).
     """
     exclude = set() if exclude is None else exclude
+    task_kwargs = expand_task_kwargs(task_kwargs)  # {"preset": NAME, ...}: see TASK_PRESETS
     rows = []
     for sample in _unique_samples(n, seed, split, exclude, task_kwargs):
         # Encode the PNGs here, once and with fast compression: left to ``datasets`` they are
