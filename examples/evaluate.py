@@ -6,7 +6,15 @@
 For each mode it reports accuracy (the local ``metrics/vedas_accuracy`` evaluate module), the average AR steps
 (latent steps + generated tokens up to and including the end token) and the average wall time per sample (batched
 generation time / batch size). Writes ``results.json``, ``results.md`` and ``predictions.jsonl`` to ``--out``.
-For ``--data synthetic`` pass the training run's ``--seed`` and ``--task-kwargs`` to get its test split.
+For ``--data synthetic`` pass the training run's ``--seed`` and ``--task-kwargs`` to get its test split
+(``'{"preset": "lookback"}'`` names a preset of ``vedas_trainer.synthetic.TASK_PRESETS``).
+
+On synthetic data the latent mode also reports replay grounding: for every latent step, whether the replayed visual
+tokens (and the dense crop window) hold the cell that the CoT step it replaced names, beside the chance level (K /
+visual tokens; the window's share of the grid), per step and overall, in ``results.md`` / ``results.json`` and per
+sample in ``grounding.jsonl``. Latent step t stands for CoT chunk (t - 1) // c of the rationale merged into
+``--max-latent-stage`` chunks: pass the training run's ``--max_latent_stage`` and ``--latents_per_step`` (defaults: T
+and 1, the embedded default's curriculum).
 
 The default ``--out`` is unique per checkpoint and data: ``<run folder>/eval/<checkpoint name>-<data>-<split>-n<N>``
 next to a local checkpoint (``runs/m3cot/checkpoint-final`` -> ``runs/m3cot/eval/checkpoint-final-test-test-n200``
@@ -87,6 +95,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image-root", default=None, help="folder that relative image paths resolve against")
     parser.add_argument("--skip-bad-rows", action="store_true", help="drop invalid dataset rows instead of failing")
     parser.add_argument("--no-progress", action="store_true", help="disable the progress bars")
+    parser.add_argument("--no-grounding", action="store_true", help="skip the replay grounding of synthetic data")
+    parser.add_argument("--max-latent-stage", type=int, default=None,
+                        help="the training run's max_latent_stage, for grounding (default: T)")
+    parser.add_argument("--latents-per-step", type=int, default=1,
+                        help="the training run's latents_per_step c, for grounding (default 1)")
     args = parser.parse_args(argv)
     args.modes = [mode.strip() for mode in args.modes.split(",") if mode.strip()]
     unknown = [mode for mode in args.modes if mode not in MODES]
@@ -96,6 +109,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--format is required when --data is not 'synthetic'")
     if args.n < 1 or args.batch_size < 1:
         parser.error("--n and --batch-size must be >= 1")
+    if not isinstance(args.task_kwargs, dict):
+        parser.error(f"--task-kwargs must be a JSON object, got {args.task_kwargs!r}")
+    from vedas_trainer.synthetic import expand_task_kwargs
+
+    try:
+        expand_task_kwargs(args.task_kwargs)
+    except ValueError as err:
+        parser.error(f"--task-kwargs: {err}")
+    if args.latents_per_step < 1 or (args.max_latent_stage is not None and args.max_latent_stage < 1):
+        parser.error("--max-latent-stage and --latents-per-step must be >= 1")
     if args.data != "synthetic" and os.path.splitext(args.data)[1].lower() in (".json", ".jsonl", ".parquet") \
             and not os.path.isfile(args.data):
         parser.error(f"--data: no such data file: {args.data!r}")
@@ -135,13 +158,15 @@ def evaluate(args: argparse.Namespace) -> int:
     results = evaluate_checkpoint(
         model, processor, samples, modes=args.modes, batch_size=args.batch_size, max_new_tokens=budgets,
         num_latent_steps=args.num_latent_steps, progress=not args.no_progress,
+        grounding=False if args.no_grounding else None, max_latent_stage=args.max_latent_stage,
+        latents_per_step=args.latents_per_step,
     )
     results.update(checkpoint=str(args.checkpoint), data=str(args.data), format=args.format, split=args.split)
     out = args.out
     title = f"{os.path.basename(os.path.normpath(args.checkpoint))} on {args.data} ({args.split})"
     paths = save_results(results, out, title=title)
     print(paths["markdown"].read_text())
-    print(f"Wrote {paths['json']}, {paths['markdown']} and {paths['predictions']}")
+    print("Wrote " + ", ".join(str(path) for path in paths.values()))
     return 0
 
 

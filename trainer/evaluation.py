@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -214,13 +215,17 @@ def evaluate_mode(model, processor, samples: Sequence[Mapping[str, Any]], mode: 
 def evaluate_checkpoint(model, processor, samples: Sequence[Mapping[str, Any]], modes: Sequence[str] = MODES,
                         batch_size: int = 16, max_new_tokens: int | Mapping[str, int] | None = None,
                         num_latent_steps: int | None = None, metric=None, warmup: bool = True,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, grounding: bool | None = None,
+                        max_latent_stage: int | None = None, latents_per_step: int = 1) -> dict:
     """Table-1 metrics of every mode in `modes`, on the same samples and model.
 
     Args:
         samples: unified-schema samples (``images``, ``question``, ``choices``, ``answer``, optional ``id``).
         max_new_tokens: one budget for every mode, or ``{mode: budget}``; defaults to :data:`DEFAULT_MAX_NEW_TOKENS`.
         num_latent_steps: T of the latent mode; defaults to ``model.config.num_latent_steps``.
+        grounding: also measure replay grounding (:func:`replay_grounding`) in the latent mode; ``None``: when every
+            sample carries a synthetic ``scene`` and the model replays (K > 0). ``max_latent_stage`` and
+            ``latents_per_step`` (the training curriculum's; default T and 1) map latent steps to CoT steps.
 
     Returns:
         ``{"num_samples", "batch_size", "num_latent_steps", "num_replay_tokens", "modes": {mode: metrics},
@@ -246,7 +251,15 @@ def evaluate_checkpoint(model, processor, samples: Sequence[Mapping[str, Any]], 
     finally:
         tokenizer.padding_side = padding_side
     config = model.config
+    if grounding is None:
+        grounding = bool(samples) and all(s.get("scene") for s in samples) and bool(
+            getattr(config, "num_replay_tokens", 0))
+    extra = {}
+    if grounding and "latent" in modes:
+        extra["grounding"] = replay_grounding(model, processor, samples, batch_size, num_latent_steps,
+                                              max_latent_stage, latents_per_step, progress)
     return {
+        **extra,
         "num_samples": len(samples),
         "batch_size": batch_size,
         "num_latent_steps": results["latent"]["latent_steps"] if "latent" in results else num_latent_steps,
@@ -265,6 +278,146 @@ def time_ratios(results: Mapping[str, Mapping]) -> dict:
         return None
 
     return {"latent_vs_nocot_time": ratio("latent", "nocot"), "cot_vs_latent_time": ratio("cot", "latent")}
+
+
+# ----------------------------------------------------------------------------------------------------- grounding
+def step_target_cells(sample: Mapping[str, Any], num_latent_steps: int, max_latent_stage: int | None = None,
+                      latents_per_step: int = 1) -> list[list[tuple[int, int]]]:
+    """Per latent step t = 1..T, the board cells (row, col), 0-based, that the CoT step it replaced names.
+
+    The curriculum merges the rationale into at most ``max_latent_stage`` chunks (:func:`vedas_trainer.data.
+    merge_steps`; default T) and replaces chunk k by ``latents_per_step`` latent slots, so latent step t stands for
+    chunk (t - 1) // c. A synthetic step names one cell of the path (``start`` is path[0], ``step i`` is path[i]);
+    a merged chunk names all of its steps' cells. A latent step past the sample's last chunk names none ([])."""
+    from .data import merge_steps
+
+    scene = sample.get("scene") if isinstance(sample, Mapping) else None
+    if not scene or not scene.get("path"):
+        raise ValueError(f"sample {sample.get('id')!r} has no synthetic scene: grounding needs the embedded task")
+    path, steps = [tuple(cell) for cell in scene["path"]], list(sample["steps"])
+    if len(steps) != len(path):
+        raise ValueError(f"sample {sample.get('id')!r}: {len(steps)} steps but a path of {len(path)} cells")
+    chunks = merge_steps(steps, max_latent_stage or num_latent_steps)
+    bounds, begin = [], 0
+    for chunk in chunks:  # synthetic steps are single lines; merged ones are joined with "\n"
+        size = chunk.count("\n") + 1
+        bounds.append(path[begin : begin + size])
+        begin += size
+    return [list(bounds[(t - 1) // latents_per_step]) if (t - 1) // latents_per_step < len(bounds) else []
+            for t in range(1, num_latent_steps + 1)]
+
+
+def _token_cell(index: int, grid_hw: tuple[int, int], board: int) -> tuple[int, int]:
+    """The board cell that holds the centre of visual token `index` of a (G_h, G_w) merged grid."""
+    gh, gw = grid_hw
+    row, col = divmod(int(index), gw)
+    return int((row + 0.5) * board / gh), int((col + 0.5) * board / gw)
+
+
+def _replay_chance(num_tokens: int, num_target: int, k: int) -> float:
+    """P(K tokens drawn uniformly without replacement among N include one of the m target tokens): K / N for m = 1."""
+    k = min(k, num_tokens)
+    return 1.0 - math.comb(num_tokens - num_target, k) / math.comb(num_tokens, k)
+
+
+def _step_grounding(trace_step: Mapping[str, Any], row: int, cells, grid_hw, board: int) -> dict:
+    """One sample's hits at one latent step: replayed tokens and crop window against the named cells."""
+    gh, gw = grid_hw
+    tokens = [i for i in range(gh * gw) if _token_cell(i, grid_hw, board) in set(cells)]
+    indices = [int(i) for i in trace_step["replay_indices"][row].tolist() if int(i) >= 0]
+    window = trace_step.get("crop_window", [None] * (row + 1))[row]
+    record = {"cells": [list(c) for c in cells], "replayed_cells": [list(_token_cell(i, grid_hw, board))
+                                                                    for i in indices],
+              "replay_hit": any(i in tokens for i in indices),
+              "replay_chance": _replay_chance(gh * gw, len(tokens), int(trace_step["replay_indices"].shape[1])),
+              "window": None, "window_hit": None, "window_chance": None}
+    if window is not None:
+        _, r0, r1, c0, c1 = (int(v) for v in window)
+        record.update(window=[r0, r1, c0, c1], window_chance=(r1 - r0) * (c1 - c0) / (gh * gw),
+                      window_hit=any(r0 <= i // gw < r1 and c0 <= i % gw < c1 for i in tokens))
+    return record
+
+
+def trace_grounding(samples: Sequence[Mapping[str, Any]], trace: Sequence[Mapping[str, Any]],
+                    grids_hw: Sequence[tuple[int, int]], max_latent_stage: int | None = None,
+                    latents_per_step: int = 1) -> list[dict]:
+    """Per sample, per latent step: does replay (and the crop window) hold the cell the replaced CoT step names?
+
+    `trace` is `generate(..., return_dict_in_generate=True, output_latent_trace=True).latent_trace` for `samples`
+    (one row each, one image each); `grids_hw` each sample's merged grid (G_h, G_w). Steps without replay (K = 0)
+    or without a named cell are left out. Returns ``[{"id", "steps": [{"t", "cells", "replay_hit", ...}]}]``."""
+    records = []
+    for row, (sample, grid_hw) in enumerate(zip(samples, grids_hw)):
+        targets = step_target_cells(sample, len(trace), max_latent_stage, latents_per_step)
+        board = int(sample["scene"]["grid_size"])
+        steps = []
+        for t, (trace_step, cells) in enumerate(zip(trace, targets), start=1):
+            if cells and trace_step.get("replay_indices") is not None and trace_step["replay_indices"].shape[1]:
+                steps.append({"t": t, **_step_grounding(trace_step, row, cells, grid_hw, board)})
+        records.append({"id": sample.get("id"), "steps": steps})
+    return records
+
+
+def _rate(values) -> float | None:
+    values = [float(v) for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def summarize_grounding(records: Sequence[Mapping[str, Any]]) -> dict:
+    """Hit rates and chance levels over all (sample, step) pairs, and per latent step t."""
+    steps = [step for record in records for step in record["steps"]]
+
+    def summary(chosen):
+        return {"num_steps": len(chosen), "replay_hit_rate": _rate(s["replay_hit"] for s in chosen),
+                "replay_chance": _rate(s["replay_chance"] for s in chosen),
+                "window_hit_rate": _rate(s["window_hit"] for s in chosen),
+                "window_chance": _rate(s["window_chance"] for s in chosen)}
+
+    per_step = {t: summary([s for s in steps if s["t"] == t]) for t in sorted({s["t"] for s in steps})}
+    return {**summary(steps), "per_step": per_step}
+
+
+def replay_grounding(model, processor, samples: Sequence[Mapping[str, Any]], batch_size: int = 16,
+                     num_latent_steps: int | None = None, max_latent_stage: int | None = None,
+                     latents_per_step: int = 1, progress: bool = True) -> dict:
+    """Replay grounding on synthetic samples: one latent generation per batch (answer budget 1 token) with the
+    latent trace. Returns :func:`summarize_grounding`'s summary plus ``"samples"`` (per sample, per step)."""
+    steps = model.config.num_latent_steps if num_latent_steps is None else num_latent_steps
+    merge = model.config.vision_config.spatial_merge_size
+    tokenizer = processor.tokenizer
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    records = []
+    try:
+        for begin in tqdm(range(0, len(samples), batch_size), desc="replay grounding", unit="batch",
+                          disable=not progress):
+            batch = list(samples[begin : begin + batch_size])
+            if any(len(sample["images"]) != 1 for sample in batch):
+                raise ValueError("replay grounding needs one image per sample (the embedded task)")
+            prompts = [build_eval_prompt(processor, sample, "latent") for sample in batch]
+            inputs = processor(text=prompts, images=[s["images"][0] for s in batch], padding=True,
+                               return_tensors="pt").to(model.device)
+            with torch.no_grad():
+                out = model.generate(**inputs, num_latent_steps=steps, max_new_tokens=1, do_sample=False,
+                                     return_dict_in_generate=True, output_latent_trace=True)
+            grids = [(int(h) // merge, int(w) // merge) for _, h, w in inputs["image_grid_thw"].tolist()]
+            records += trace_grounding(batch, out.latent_trace or [], grids, max_latent_stage, latents_per_step)
+    finally:
+        tokenizer.padding_side = padding_side
+    return {**summarize_grounding(records), "num_latent_steps": steps, "samples": records}
+
+
+def grounding_to_markdown(grounding: Mapping[str, Any]) -> str:
+    """The grounding table: hit rates of replay and of the crop window, with their chance levels, per step."""
+    def pct(value):
+        return "n/a" if value is None else f"{100 * value:.1f}"
+
+    lines = ["| Latent step | Steps scored | Replay hit (%) | Chance (%) | Window hit (%) | Chance (%) |",
+             "|---|---|---|---|---|---|"]
+    rows = [(str(t), s) for t, s in grounding["per_step"].items()] + [("all", grounding)]
+    for name, s in rows:
+        lines.append(f"| {name} | {s['num_steps']} | {pct(s['replay_hit_rate'])} | {pct(s['replay_chance'])} | "
+                     f"{pct(s['window_hit_rate'])} | {pct(s['window_chance'])} |")
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------- reports
@@ -286,6 +439,11 @@ def results_to_markdown(results: Mapping[str, Any], title: str | None = None) ->
     ratios = {k: v for k, v in results.get("ratios", {}).items() if v is not None}
     if ratios:
         lines += ["", "Time ratios (same run): " + ", ".join(f"{k} = {v:.2f}" for k, v in ratios.items())]
+    if results.get("grounding"):
+        lines += ["", "### Replay grounding (latent mode)", "",
+                  "Does a latent step replay the cell that the CoT step it replaced names? Chance: K tokens drawn at "
+                  "random (K / visual tokens for a one-token cell); for the crop window, the share of the grid it "
+                  "covers.", "", grounding_to_markdown(results["grounding"]).rstrip("\n")]
     return "\n".join(lines) + "\n"
 
 
@@ -297,6 +455,10 @@ def save_results(results: Mapping[str, Any], out_dir, title: str | None = None) 
                                     for mode, m in results["modes"].items()}}
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md",
              "predictions": out_dir / "predictions.jsonl"}
+    if results.get("grounding"):  # per-sample steps to grounding.jsonl, the summary stays in results.json
+        summary["grounding"] = {k: v for k, v in results["grounding"].items() if k != "samples"}
+        paths["grounding"] = out_dir / "grounding.jsonl"
+        paths["grounding"].write_text("".join(json.dumps(r) + "\n" for r in results["grounding"]["samples"]))
     paths["json"].write_text(json.dumps(summary, indent=2) + "\n")
     paths["markdown"].write_text(results_to_markdown(results, title))
     with paths["predictions"].open("w") as f:
@@ -318,4 +480,9 @@ __all__ = [
     "evaluate_checkpoint",
     "results_to_markdown",
     "save_results",
+    "step_target_cells",
+    "trace_grounding",
+    "summarize_grounding",
+    "replay_grounding",
+    "grounding_to_markdown",
 ]
