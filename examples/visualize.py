@@ -6,7 +6,9 @@
 For one test sample it writes `sample_<N>.png`: one column per latent step with (top) the image, the replayed visual
 tokens shaded by their replay weight and the dense W x W crop window drawn, and (bottom) the first routing layer's
 router scores over the tokens of that step's forward (the prompt for step 1, then the replayed tokens and the latent),
-selected tokens marked. `--data` is `synthetic` (the default; pass the training run's `--seed` and `--task-kwargs`) or a
+selected tokens marked. On the embedded task a dashed yellow box marks the true cell of each step: the cell that the
+CoT step replaced by that latent step names (pass the training run's `--max-latent-stage` when it is not T), and the
+panel title says whether replay (R) and the crop window (W) hit it. `--data` is `synthetic` (the default; pass the training run's `--seed` and `--task-kwargs`) or a
 local JSON/JSONL/parquet file or dataset name in `--format` (as for evaluate.py); `--sample` indexes its `--split`.
 """
 
@@ -32,7 +34,47 @@ def trace_sample(model, processor, sample):
     return out.latent_trace, (grid[1] // merge, grid[2] // merge), answer
 
 
-def draw(sample, trace, grid_hw, answer, path):
+def true_cells(sample, steps, max_latent_stage=None, latents_per_step=1):
+    """Per latent step, the board cells its CoT step names (empty lists without a synthetic scene)."""
+    from vedas_trainer.evaluation import step_target_cells
+
+    if not sample.get("scene"):
+        return [[] for _ in range(steps)]
+    return step_target_cells(sample, steps, max_latent_stage, latents_per_step)
+
+
+def _mark_true_cells(ax, sample, cells, image):
+    """Dashed yellow boxes on the board cells in `cells` (board coordinates, not visual-token coordinates)."""
+    import matplotlib.patches as patches
+
+    board = int(sample["scene"]["grid_size"])
+    size_h, size_w = image.height / board, image.width / board
+    for row, col in cells:
+        ax.add_patch(patches.Rectangle((col * size_w, row * size_h), size_w, size_h, fill=False,
+                                       edgecolor="yellow", linestyle="--", linewidth=2))
+
+
+def grounding_steps(sample, trace, grid_hw, max_latent_stage=None, latents_per_step=1):
+    """{t: the step's grounding record} (replay_hit, window_hit, ...) of a synthetic sample; {} otherwise."""
+    from vedas_trainer.evaluation import trace_grounding
+
+    if not sample.get("scene") or not trace:
+        return {}
+    records = trace_grounding([sample], trace, [grid_hw], max_latent_stage, latents_per_step)
+    return {step["t"]: step for step in records[0]["steps"]}
+
+
+def _hit_label(step):
+    """'R hit, W miss'-style summary of a step's grounding record, or '' when the step was not scored."""
+    if step is None:
+        return ""
+    window = "" if step["window_hit"] is None else f", W {'hit' if step['window_hit'] else 'miss'}"
+    return f"\nR {'hit' if step['replay_hit'] else 'miss'}{window}"
+
+
+def draw(sample, trace, grid_hw, answer, path, targets=None, grounding=None):
+    """One column per latent step; `targets` (per step, the true board cells) and `grounding` ({t: record}) mark
+    the truth on the embedded task."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,7 +104,10 @@ def draw(sample, trace, grid_hw, answer, path):
                 _, r0, r1, c0, c1 = window
                 ax.add_patch(patches.Rectangle((c0 * cell_w, r0 * cell_h), (c1 - c0) * cell_w, (r1 - r0) * cell_h,
                                                fill=False, edgecolor="lime", linewidth=2))
-        ax.set_title(f"latent step {t + 1}")
+        cells = targets[t] if targets else []
+        if cells:
+            _mark_true_cells(ax, sample, cells, image)
+        ax.set_title(f"latent step {t + 1}{_hit_label((grounding or {}).get(t + 1))}", fontsize=9)
         ax.axis("off")
         ax = axes[1, t]
         scores = step.get("router_scores") or {}
@@ -74,7 +119,9 @@ def draw(sample, trace, grid_hw, answer, path):
             ax.set_title(f"router L{key[0]} (red: second pass)", fontsize=8)
             ax.set_ylim(0, 1)
         ax.set_xlabel("token of this step's forward", fontsize=8)
-    fig.suptitle(f"{sample['question'][:90]}\npredicted: {answer.strip()!r}   answer: {sample['answer']!r}", fontsize=9)
+    legend = "magenta: replayed tokens, green: crop window" + (", yellow dashes: true cell" if targets else "")
+    fig.suptitle(f"{sample['question'][:90]}\npredicted: {answer.strip()!r}   answer: {sample['answer']!r}\n{legend}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -99,7 +146,7 @@ def load_test_samples(sample_indices, n_test=300, seed=0, task_kwargs=None, data
 
 
 def visualize(checkpoint, sample_indices, out_dir, n_test=300, seed=0, task_kwargs=None, data="synthetic",
-              format=None, split="test", image_root=None):
+              format=None, split="test", image_root=None, max_latent_stage=None, latents_per_step=1):
     from vedas_trainer.evaluation import load_model_and_processor
 
     test = load_test_samples(sample_indices, n_test, seed, task_kwargs, data, format, split, image_root)
@@ -110,7 +157,9 @@ def visualize(checkpoint, sample_indices, out_dir, n_test=300, seed=0, task_kwar
     for index in sample_indices:
         sample = test[index]
         trace, grid_hw, answer = trace_sample(model, processor, sample)
-        paths.append(draw(sample, trace, grid_hw, answer, out_dir / f"sample_{index}.png"))
+        targets = true_cells(sample, len(trace), max_latent_stage, latents_per_step)
+        grounding = grounding_steps(sample, trace, grid_hw, max_latent_stage, latents_per_step)
+        paths.append(draw(sample, trace, grid_hw, answer, out_dir / f"sample_{index}.png", targets, grounding))
     return paths
 
 
@@ -126,6 +175,9 @@ def main(argv=None):
     parser.add_argument("--format", default=None, help="dataset format (required unless synthetic), as in evaluate.py")
     parser.add_argument("--split", default="test")
     parser.add_argument("--image-root", default=None, help="folder that relative image paths resolve against")
+    parser.add_argument("--max-latent-stage", type=int, default=None,
+                        help="the training run's max_latent_stage, to find each step's true cell (default: T)")
+    parser.add_argument("--latents-per-step", type=int, default=1, help="the training run's latents_per_step")
     args = parser.parse_args(argv)
     if args.data != "synthetic" and args.format is None:
         parser.error("--format is required when --data is not 'synthetic'")
@@ -137,7 +189,8 @@ def main(argv=None):
 
     try:
         paths = visualize(args.checkpoint, args.sample, out, args.n_test, args.seed, json.loads(args.task_kwargs),
-                          args.data, args.format, args.split, args.image_root)
+                          args.data, args.format, args.split, args.image_root, args.max_latent_stage,
+                          args.latents_per_step)
     except (DataError, CheckpointError) as err:
         print(f"visualize.py: error: {err}", file=sys.stderr, flush=True)
         return 2
