@@ -1,0 +1,346 @@
+"""Retrained ablations: train and evaluate Vedas variants from the same base, data, budget and seeds.
+
+    python examples/ablate.py --quick                                  # CI: full and no_scfvr x seeds 0, 1, tiny runs
+    python examples/ablate.py --out runs/ablation                      # every variant x 3 seeds, embedded default
+    python examples/ablate.py --variants core --out runs/abl-lookback --task_kwargs '{"preset": "lookback"}'
+    python examples/ablate.py --variants full,no_rds,no_scfvr --out runs/abl-m3cot \\
+        --launcher "accelerate launch --config_file examples/configs/multi_gpu_ddp.yaml" \\
+        --test_data /data/m3cot/test.jsonl \\
+        --base_model /models/Qwen2-VL-2B-Instruct --dataset /data/m3cot/train.jsonl --dataset_format m3cot --bf16
+
+Every option that ablate.py does not define is a train.py option: it goes unchanged to every run (a train.py recipe
+file may come first). Each run is `<launcher> examples/train.py <those options> --output_dir OUT/runs/VARIANT/seedS
+--seed S` plus the variant's options, so a run trains exactly as train.py does under the same launcher (default: this
+Python; `--launcher "accelerate launch ..."` for several processes or GPUs). Run ablate.py itself with plain python.
+
+Variants (`--variants`, comma-separated names or the groups all, core, sweeps; `full` is always run):
+
+    full                  the shared options
+    no_rds                routing_layers = []                     (no routing depth scaling)
+    no_scfvr              num_replay_tokens = 0, recon_weight = 0 (no visual replay, λ = 0)
+    no_distill            recon_weight = 0                        (replay kept, no self-distillation)
+    no_curriculum         --skip_curriculum True                  (every step latent from the first latent epoch)
+    sequential_positions  replay_positions = "sequential"
+    soft_mix              replay_mode = "soft_mix"
+    K<k>, W<w>, alpha<a>  num_replay_tokens, window_size, routing_topk swept over --sweep_k / --sweep_window /
+                          --sweep_alpha
+
+Each finished run is evaluated here in the latent mode on the test samples (the synthetic test split as train.py
+builds it, or `--test_data`), with replay grounding on synthetic data, and its record written to
+`OUT/runs/VARIANT/seedS/ablation_result.json`. A run whose record exists is not trained again (resume: run the same
+command); a run that has `checkpoint-final` but no record is only evaluated; a run with intermediate checkpoints only
+continues with `--resume_from_checkpoint last`. Records made with other options are refused, so an output folder
+holds one study. The study is written to OUT/ablation.md, ablation.json and ablation.png: mean and std of the accuracy
+over seeds, the paired difference against full with a 95% bootstrap interval over test samples, and the grounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULT = "ablation_result.json"
+QUICK_VARIANTS, QUICK_SEEDS, QUICK_N_TRAIN, QUICK_N_TEST = "full,no_scfvr", [0, 1], 64, 32
+# train.py options that ablate.py sets per run
+RESERVED = {"output_dir": "--out", "seed": "--seeds", "evaluate_after": None, "resume_from_checkpoint": None}
+
+
+def _values(kind):
+    def parse(text):
+        try:
+            values = [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+        if not values or min(values) <= 0:
+            raise argparse.ArgumentTypeError(f"expected positive values, got {text!r}")
+        return values
+    return parse
+
+
+def parse_cli(argv=None):
+    """(ablate.py's options, the train.py options passed through)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--variants", default=None, help="names or groups (all, core, sweeps); default all")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2)")
+    parser.add_argument("--out", default="runs/ablation", help="output folder of the study")
+    parser.add_argument("--quick", action="store_true", help="CI: full and no_scfvr, seeds 0 1, train.py --quick "
+                                                             f"with {QUICK_N_TRAIN} training samples")
+    parser.add_argument("--launcher", default="python", help="command that runs train.py (default: this Python)")
+    parser.add_argument("--sweep_k", type=_values(int), default=[1, 4], help="K values (default 1,4)")
+    parser.add_argument("--sweep_window", type=_values(int), default=[1, 3], help="W values (default 1,3)")
+    parser.add_argument("--sweep_alpha", type=_values(float), default=[0.125, 0.5], help="α values (default .125,.5)")
+    parser.add_argument("--test_data", default=None, help="test file or dataset name (default: the synthetic split)")
+    parser.add_argument("--test_format", default=None, help="its format (default: train.py's --dataset_format)")
+    parser.add_argument("--test_split", default="test")
+    parser.add_argument("--n_test", type=int, default=None,
+                        help=f"test samples (default: train.py's --n_test for synthetic data, {QUICK_N_TEST} with "
+                             "--quick, all rows of --test_data)")
+    parser.add_argument("--eval_batch_size", type=int, default=32)
+    parser.add_argument("--bootstrap", type=int, default=10000, help="bootstrap resamples of the test samples")
+    parser.add_argument("--keep_checkpoints", action="store_true",
+                        help="keep each run's intermediate checkpoints and converted base (default: keep only "
+                             "checkpoint-final)")
+    parser.add_argument("--verbose", action="store_true", help="show train.py's output (default: each run's train.log)")
+    args, passthrough = parser.parse_known_args(argv)
+    if "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ:
+        parser.error("run ablate.py with plain python; give the launcher of the runs as --launcher \"accelerate "
+                     "launch ...\"")
+    import train
+
+    for name in train.given_options(passthrough):
+        if name in RESERVED:
+            hint = f"; use {RESERVED[name]}" if RESERVED[name] else ""
+            parser.error(f"--{name} is set by ablate.py for every run{hint}")
+    if args.n_test is not None and args.n_test < 1 or args.eval_batch_size < 1 or args.bootstrap < 100:
+        parser.error("--n_test and --eval_batch_size must be >= 1, --bootstrap >= 100")
+    if args.quick:
+        args.variants = args.variants or QUICK_VARIANTS
+        args.seeds = args.seeds or QUICK_SEEDS
+        passthrough = ["--quick"] + ([] if "n_train" in train.given_options(passthrough)
+                                     else ["--n_train", str(QUICK_N_TRAIN)]) + passthrough
+    args.variants, args.seeds = args.variants or "all", args.seeds or [0, 1, 2]
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must differ, got {args.seeds}")
+    return parser, args, passthrough
+
+
+# ----------------------------------------------------------------------------------------------------- the runs
+def run_options(passthrough, base_overrides, variant, seed, run_dir) -> list[str]:
+    """train.py's options for one run: the shared ones, then the variant's (later options win in train.py)."""
+    merged = {**base_overrides, **variant.overrides}
+    options = list(passthrough)
+    for key in ("num_replay_tokens", "recon_weight"):  # train.py's own flags win over --vedas_overrides
+        if key in merged:
+            options += [f"--{key}", json.dumps(merged.pop(key))]
+    options += ["--vedas_overrides", json.dumps(merged, sort_keys=True), *variant.train_options,
+                "--seed", str(seed), "--evaluate_after", "False"]
+    return options + ["--output_dir", str(run_dir)]
+
+
+def check_runs(plan, run_options_of) -> dict:
+    """Every run's options parsed and checked by train.py's own checks before any training (one-line errors);
+    returns (variant, seed) -> (training arguments, data arguments)."""
+    import train
+
+    checked = {}
+    for variant, seed in plan:
+        options = run_options_of(variant, seed)
+        try:
+            model_args, data_args, _, args, _, given = train.parse_args(options)
+            train.validate_arguments(model_args, data_args, args, given)
+        except train.USER_ERRORS as err:
+            raise SystemExit(f"ablate.py: error: variant {variant.name}: {err}") from None
+        checked[(variant.name, seed)] = (args, data_args)
+    return checked
+
+
+def base_overrides_of(passthrough) -> dict:
+    """The VedasConfig overrides the shared options set (--vedas_overrides, --num_replay_tokens, --recon_weight)."""
+    import train
+
+    try:
+        model_args = train.parse_args(passthrough)[0]
+    except train.USER_ERRORS as err:
+        raise SystemExit(f"ablate.py: error: {err}") from None
+    overrides = train.check_json_option("--vedas_overrides", model_args.vedas_overrides)
+    for key in ("num_replay_tokens", "recon_weight"):
+        if getattr(model_args, key) is not None:
+            overrides[key] = getattr(model_args, key)
+    return overrides
+
+
+def train_run(launcher, options, run_dir: Path, verbose: bool) -> tuple[bool, float, str]:
+    """Runs train.py once; returns (success, seconds, the last error line)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "report.json").is_file() and any(run_dir.glob("checkpoint-[0-9]*")):
+        options = options + ["--resume_from_checkpoint", "last"]  # an interrupted run continues
+    command = ([sys.executable] if launcher == "python" else shlex.split(launcher)) + [str(HERE / "train.py")]
+    start = time.time()
+    with open(run_dir / "train.log", "a") as log:
+        log.write(f"$ {shlex.join(command + options)}\n")
+        log.flush()
+        stream = None if verbose else log
+        code = subprocess.run(command + options, stdout=stream, stderr=subprocess.STDOUT if stream else None).returncode
+    seconds = time.time() - start
+    if code == 0 and (run_dir / "checkpoint-final").is_dir():
+        return True, seconds, ""
+    lines = (run_dir / "train.log").read_text(errors="replace").splitlines()
+    errors = [line for line in lines if "error" in line.lower()]
+    return False, seconds, (errors or lines or ["no output"])[-1].strip()
+
+
+def clean_run(run_dir: Path) -> None:
+    """Keeps checkpoint-final, the logs and the report; drops intermediate checkpoints and the converted base."""
+    for path in run_dir.iterdir():
+        if path.is_dir() and (re.fullmatch(r"checkpoint-\d+", path.name) or path.name in ("base", "init")):
+            shutil.rmtree(path)
+
+
+def fingerprint(options) -> list[str]:
+    """A run's train.py options without its output folder: what must match for a record to be reused."""
+    return [o for i, o in enumerate(options) if o != "--output_dir" and (i == 0 or options[i - 1] != "--output_dir")]
+
+
+def check_previous(plan, options_of, run_dir_of) -> None:
+    """Refuses an output folder whose runs were made with other train.py options (before any training)."""
+    for variant, seed in plan:
+        stamp = run_dir_of(variant, seed) / "ablation_run.json"
+        if stamp.is_file() and json.loads(stamp.read_text())["train_options"] != fingerprint(options_of(variant, seed)):
+            raise SystemExit(f"ablate.py: error: {stamp.parent} was trained with other train.py options (see "
+                             f"{stamp.name}); use another --out or remove that run")
+
+
+# ----------------------------------------------------------------------------------------------------- evaluation
+def load_test(args, data_args, quick):
+    """(test samples, their description): the synthetic test split as train.py builds it, or --test_data."""
+    from vedas_trainer.evaluation import load_samples
+
+    if args.test_data is None:
+        if data_args.dataset != "synthetic":
+            raise SystemExit("ablate.py: error: a --dataset other than synthetic needs --test_data (and "
+                             "--test_format when it differs from --dataset_format)")
+        n = args.n_test or (QUICK_N_TEST if quick else data_args.n_test)
+        kwargs = json.loads(data_args.task_kwargs)
+        spec = {"data": "synthetic", "split": "test", "n": n, "seed": data_args.seed_data, "task_kwargs": kwargs}
+        return load_samples("synthetic", n=n, seed=data_args.seed_data, task_kwargs=kwargs), spec
+    fmt = args.test_format or data_args.dataset_format
+    if fmt is None:
+        raise SystemExit("ablate.py: error: --test_data needs --test_format (or train.py's --dataset_format)")
+    from vedas_trainer.data import DataError, resolve_format
+
+    spec = {"data": args.test_data, "format": resolve_format(fmt), "split": args.test_split, "n": args.n_test}
+    try:
+        samples = load_samples(args.test_data, n=args.n_test, split=args.test_split, format=spec["format"],
+                               image_root=data_args.image_root)
+    except (DataError, OSError, ValueError) as err:
+        raise SystemExit(f"ablate.py: error: --test_data: {err}") from None
+    return samples, spec
+
+
+def evaluate_run(run_dir: Path, samples, training_args, batch_size: int) -> dict:
+    """The latent mode on the test samples (with replay grounding on synthetic data): the run's record."""
+    import torch
+
+    from vedas_trainer.evaluation import evaluate_checkpoint, load_model_and_processor
+
+    report = json.loads((run_dir / "report.json").read_text())
+    model, processor = load_model_and_processor(run_dir / "checkpoint-final",
+                                                device="cuda" if torch.cuda.is_available() else None)
+    start = time.time()
+    results = evaluate_checkpoint(model, processor, samples, modes=("latent",), batch_size=batch_size,
+                                  progress=False, max_latent_stage=report.get("max_latent_stage"),
+                                  latents_per_step=training_args.latents_per_step)
+    latent = results["modes"]["latent"]
+    grounding = results.get("grounding")
+    return {
+        "accuracy": latent["accuracy"], "num_samples": latent["num_samples"],
+        "ids": [p["id"] for p in latent["predictions"]], "correct": [bool(p["correct"]) for p in latent["predictions"]],
+        "avg_ar_steps": latent["avg_ar_steps"], "latent_steps": latent["latent_steps"],
+        "grounding": None if grounding is None else {k: v for k, v in grounding.items() if k != "samples"},
+        "eval_seconds": time.time() - start, "train_seconds": report.get("wall_seconds"),
+        "global_steps": report.get("global_steps"), "last_stage": report.get("last_stage"),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------- the study
+def one_run(variant, seed, options, run_dir, args, samples, test_spec, training_args):
+    """A run's record: reused when present with the same options and test samples, else trained and evaluated.
+    Returns (record or None, whether it was reused, the error line)."""
+    result = run_dir / RESULT
+    if result.is_file():
+        record = json.loads(result.read_text())
+        if record.get("test") == test_spec:
+            return record, True, ""
+    if not ((run_dir / "checkpoint-final").is_dir() and (run_dir / "report.json").is_file()):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "ablation_run.json").write_text(json.dumps({"train_options": fingerprint(options)}, indent=1))
+        ok, _, message = train_run(args.launcher, options, run_dir, args.verbose)
+        if not ok:
+            return None, False, message
+    record = {"variant": variant.name, "seed": seed, "train_options": fingerprint(options), "test": test_spec,
+              **evaluate_run(run_dir, samples, training_args, args.eval_batch_size)}
+    result.write_text(json.dumps(record, indent=1) + "\n")
+    if not args.keep_checkpoints:
+        clean_run(run_dir)
+    return record, False, ""
+
+
+def run_study(plan, options_of, run_dir_of, args, samples, test_spec, checked):
+    """Every run of the plan, with a progress bar; returns ({(variant, seed): record}, reused count, failures)."""
+    from tqdm.auto import tqdm
+
+    runs, reused, failed = {}, 0, []
+    bar = tqdm(plan, desc="ablation runs", unit="run")
+    for variant, seed in bar:
+        bar.set_postfix_str(f"{variant.name} seed {seed}")
+        run_dir = run_dir_of(variant, seed)
+        record, was_reused, message = one_run(variant, seed, options_of(variant, seed), run_dir, args, samples,
+                                              test_spec, checked[(variant.name, seed)][0])
+        if record is None:
+            failed.append(f"{variant.name}/seed{seed}")
+            tqdm.write(f"ablate.py: {variant.name} seed {seed} failed: {message} (log: {run_dir / 'train.log'})")
+            continue
+        reused += was_reused
+        runs[(variant.name, seed)] = record
+        bar.write(f"{variant.name} seed {seed}: latent accuracy {100 * record['accuracy']:.1f}%"
+                  + (" (done earlier)" if was_reused else ""))
+    return runs, reused, failed
+
+
+def chance_level(data_args, test_spec) -> float | None:
+    """Chance accuracy of the embedded task (1 / colours); None for other data."""
+    if test_spec["data"] != "synthetic":
+        return None
+    from vedas_trainer.synthetic import expand_task_kwargs
+
+    return 1.0 / expand_task_kwargs(json.loads(data_args.task_kwargs)).get("n_colours", 4)
+
+
+def main(argv=None) -> int:
+    parser, args, passthrough = parse_cli(argv)
+    from vedas_trainer.ablation import build_variants, select_variants, summarize_runs, write_reports
+
+    try:
+        chosen = select_variants(args.variants, build_variants(args.sweep_k, args.sweep_window, args.sweep_alpha))
+    except ValueError as err:
+        parser.error(str(err))
+    out = Path(args.out)
+    base = base_overrides_of(passthrough)
+
+    def run_dir_of(variant, seed):
+        return out / "runs" / variant.name / f"seed{seed}"
+
+    def options_of(variant, seed):
+        return run_options(passthrough, base, variant, seed, run_dir_of(variant, seed))
+
+    plan = [(variant, seed) for variant in chosen for seed in args.seeds]
+    checked = check_runs(plan, options_of)
+    check_previous(plan, options_of, run_dir_of)
+    data_args = checked[("full", args.seeds[0])][1]
+    samples, test_spec = load_test(args, data_args, args.quick)
+    started = time.time()
+    runs, reused, failed = run_study(plan, options_of, run_dir_of, args, samples, test_spec, checked)
+    table = summarize_runs(chosen, runs, args.bootstrap)
+    setup = {"seeds": args.seeds, "variants": [v.name for v in chosen], "train_options": shlex.join(passthrough),
+             "launcher": args.launcher, "test_data": test_spec["data"], "test": test_spec,
+             "num_test_samples": len(samples), "n_boot": args.bootstrap, "level": 0.95, "quick": args.quick,
+             "missing": failed, "runs_reused": reused, "wall_seconds": time.time() - started}
+    paths = write_reports(out, table, setup, chance_level(data_args, test_spec))
+    print(paths["markdown"].read_text())
+    print("Wrote " + ", ".join(str(p) for p in paths.values()) + f" ({len(runs) - reused} run(s) trained or "
+          f"evaluated now, {reused} done earlier, {len(failed)} failed; {time.time() - started:.0f} s)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
