@@ -17,6 +17,7 @@ import ast
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -212,6 +213,21 @@ def test_beam_search_with_latent_steps(remote):
     forced = answer_log_probs(model, inputs, cached.sequences, 3)
     torch.testing.assert_close(cached.sequences_scores, forced.sum(-1), atol=1e-4, rtol=1e-4)
 
+
+
+def test_no_deprecated_cache_name(remote):
+    """The remote code passes the KV cache under the installed version's name: no deprecation warning about
+    `past_key_values` (transformers 5.24 warns on every call that still uses it)."""
+    model, processor = remote
+    inputs = two_prompts(processor)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            model(**inputs)
+        model.generate(**inputs, num_latent_steps=2, max_new_tokens=2, num_beams=2, do_sample=False)
+        model.generate(**inputs, num_latent_steps=0, max_new_tokens=2, do_sample=False)
+    deprecated = [str(w.message) for w in caught if "past_key_values" in str(w.message)]
+    assert not deprecated, deprecated[:3]
 
 # ---------------------------------------------------------------- the declared range
 
