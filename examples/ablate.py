@@ -91,6 +91,7 @@ def parse_cli(argv=None):
                         help="keep each run's intermediate checkpoints and converted base (default: keep only "
                              "checkpoint-final)")
     parser.add_argument("--verbose", action="store_true", help="show train.py's output (default: each run's train.log)")
+    parser.add_argument("--dry_run", action="store_true", help="check every run's options, print the commands, stop")
     args, passthrough = parser.parse_known_args(argv)
     if "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ:
         parser.error("run ablate.py with plain python; give the launcher of the runs as --launcher \"accelerate "
@@ -326,6 +327,11 @@ def main(argv=None) -> int:
     plan = [(variant, seed) for variant in chosen for seed in args.seeds]
     checked = check_runs(plan, options_of)
     check_previous(plan, options_of, run_dir_of)
+    if args.dry_run:
+        launcher = [sys.executable] if args.launcher == "python" else shlex.split(args.launcher)
+        for variant, seed in plan:
+            print(shlex.join(launcher + [str(HERE / "train.py")] + options_of(variant, seed)))
+        return 0
     data_args = checked[("full", args.seeds[0])][1]
     samples, test_spec = load_test(args, data_args, args.quick)
     started = time.time()
