@@ -91,7 +91,10 @@ class DataArguments:
                 "'synthetic' (the embedded task's test split). Evaluates every epoch unless --eval_strategy is set."})
     eval_dataset_format: str | None = field(default=None, metadata={"help": "Default: --dataset_format."})
     skip_bad_rows: bool = False
-    n_train: int = 3200
+    n_train: int = field(default=3200, metadata={"help": "Synthetic task: puzzles per epoch (new ones every epoch unless "
+                                                         "--fixed_train_set)."})
+    fixed_train_set: bool = field(default=False, metadata={
+        "help": "Synthetic task: train on the same n_train puzzles every epoch instead of new ones each epoch."})
     n_test: int = 300
     task_kwargs: str = field(default="{}", metadata={"help": "JSON options of the synthetic task (make_sample keywords), "
                                                              "e.g. '{\"grid\": 4, \"mc_prob\": 0.0}'."})
@@ -361,10 +364,17 @@ def task_kwargs(data_args) -> dict:
 
 def load_training_data(data_args, quick):
     if data_args.dataset == "synthetic":
-        from vedas_trainer.synthetic import build_synthetic_dataset
+        from vedas_trainer.synthetic import FreshSyntheticDataset, build_synthetic_dataset, scene_hash
 
         n = min(256, data_args.n_train) if quick else data_args.n_train  # --quick caps, a smaller --n_train wins
-        return build_synthetic_dataset(n, seed=data_args.seed_data, split="train", **task_kwargs(data_args))
+        if data_args.fixed_train_set:
+            return build_synthetic_dataset(n, seed=data_args.seed_data, split="train", **task_kwargs(data_args))
+        # new puzzles every epoch, none of them a test puzzle (the test split evaluate_after and --eval_dataset use)
+        test = build_synthetic_dataset(16 if quick else data_args.n_test, seed=data_args.seed_data, split="test",
+                                       **task_kwargs(data_args))
+        exclude = {scene_hash(test[i]) for i in range(len(test))}
+        return FreshSyntheticDataset(n, seed=data_args.seed_data, split="train", exclude=exclude,
+                                     **task_kwargs(data_args))
     from vedas_trainer.data import load_vedas_dataset
 
     return load_vedas_dataset(data_args.dataset, data_args.dataset_format, split="train",

@@ -44,6 +44,7 @@ import random
 from typing import Any, Iterator, Sequence
 
 import datasets
+import torch
 from PIL import Image, ImageDraw
 
 from .prompting import format_choices
@@ -58,6 +59,7 @@ __all__ = [
     "scene_hash",
     "build_synthetic_dataset",
     "build_splits",
+    "FreshSyntheticDataset",
     "synthetic_vocabulary",
     "synthetic_features",
     "TASK_PRESETS",
@@ -497,6 +499,46 @@ def build_synthetic_dataset(
     features = synthetic_features()
     info = datasets.DatasetInfo(description="Vedas embedded task: follow the arrows", features=features)
     return datasets.Dataset.from_list(rows, features=features, info=info, split=datasets.NamedSplit(split))
+
+
+class FreshSyntheticDataset(torch.utils.data.Dataset):
+    """``n`` puzzles per epoch, new ones every epoch: a map-style dataset that draws sample ``i`` of epoch ``e``
+    from its own seed ``(seed, split, e, i)`` when it is read.
+
+    Training on fresh puzzles instead of repeating a fixed set: the model cannot fit a set of puzzles, only the
+    rule, and the images are drawn on the fly (about a millisecond per sample, no build time). The epoch is set
+    by :meth:`set_epoch` (``vedas_trainer.trainer.CurriculumCallback`` calls it at every epoch start, on every
+    process, and after a resume), so a run is reproducible and every data-parallel rank reads the same puzzles.
+    Puzzles whose :func:`scene_hash` is in ``exclude`` (e.g. the test split's) are redrawn.
+    """
+
+    def __init__(self, n: int, seed: int = 0, split: str = "train", *, exclude: set[str] | None = None,
+                 **task_kwargs: Any):
+        if split not in SPLIT_IDS:
+            raise ValueError(f"split must be one of {SPLIT_IDS}, got {split!r}")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        self.n, self.seed, self.split = int(n), seed, split
+        self.exclude = set() if exclude is None else set(exclude)
+        self.task_kwargs = expand_task_kwargs(task_kwargs)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.n:
+            raise IndexError(index)
+        for attempt in range(1000):
+            key = f"vedas-arrows-fresh/{self.seed}/{self.split}/{self.epoch}/{index}" + (f"/{attempt}" if attempt else "")
+            sample = make_sample(key, sample_id=f"arrows-{self.split}-{self.seed}-e{self.epoch}-{index}",
+                                 **self.task_kwargs)
+            if scene_hash(sample) not in self.exclude:
+                return sample
+        raise RuntimeError(f"no puzzle outside the excluded set after 1000 draws (sample {index})")
 
 
 def build_splits(

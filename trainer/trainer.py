@@ -173,22 +173,27 @@ class CurriculumCallback(TrainerCallback):
     def _effective(self, stage: int) -> int:
         return min(stage, getattr(self.collator, "max_latent_stage", stage))
 
-    def _apply(self, state) -> int:
+    def _apply(self, state, train_dataloader=None) -> int:
         epoch = epoch_index(state.epoch)
         stage = self.stage_for_epoch(epoch)
         self.collator.set_epoch(epoch)
         self.collator.set_stage(stage)
+        # a dataset that draws new samples every epoch (`vedas_trainer.synthetic.FreshSyntheticDataset`) follows the
+        # same epoch on every rank and after a resume (accelerate forwards `set_epoch` to it only in some layouts)
+        dataset = getattr(train_dataloader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
         if stage != self._logged_stage:
             logger.info("Curriculum: epoch %d (global step %d) trains at stage %d.", epoch, state.global_step, stage)
             self._logged_stage = stage
         return epoch
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         # before anything reads the collator (e.g. eval_on_start), also after a resume
-        self._apply(state)
+        self._apply(state, train_dataloader)
 
-    def on_epoch_begin(self, args, state, control, optimizer=None, **kwargs):
-        epoch = self._apply(state)
+    def on_epoch_begin(self, args, state, control, optimizer=None, train_dataloader=None, **kwargs):
+        epoch = self._apply(state, train_dataloader)
         at_epoch_start = state.epoch is None or abs(state.epoch - epoch) < _EPOCH_EPS
         stage_starts = epoch > 0 and self._effective(self.stage_for_epoch(epoch)) != self._effective(
             self.stage_for_epoch(epoch - 1)
