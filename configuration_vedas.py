@@ -86,7 +86,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 @dataclass(kw_only=True, repr=False)
 class VedasSettings:
     r"""
-    The Vedas hyper-parameters. Defaults are the paper's (arXiv 2604.10500, section 1.4 of DESIGN.md).
+    The Vedas hyper-parameters. Defaults are the paper's (arXiv 2604.10500; docs/design.md, section 8).
 
     Latent reasoning:
         num_latent_steps (`int`, *optional*, defaults to 4):
