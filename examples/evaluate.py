@@ -68,6 +68,20 @@ def default_out(checkpoint: str, data: str, split: str, n: int) -> str:
     return os.path.join("eval_results", checkpoint.replace("/", "--"), run)
 
 
+def check_synthetic_options(parser, args) -> None:
+    """--task-kwargs (a JSON object, a known preset) and the curriculum that maps latent steps to CoT steps."""
+    if not isinstance(args.task_kwargs, dict):
+        parser.error(f"--task-kwargs must be a JSON object, got {args.task_kwargs!r}")
+    from vedas_trainer.synthetic import expand_task_kwargs
+
+    try:
+        expand_task_kwargs(args.task_kwargs)
+    except ValueError as err:
+        parser.error(f"--task-kwargs: {err}")
+    if args.latents_per_step < 1 or (args.max_latent_stage is not None and args.max_latent_stage < 1):
+        parser.error("--max-latent-stage and --latents-per-step must be >= 1")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from vedas_trainer.evaluation import DEFAULT_MAX_NEW_TOKENS, MODES
 
@@ -109,16 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--format is required when --data is not 'synthetic'")
     if args.n < 1 or args.batch_size < 1:
         parser.error("--n and --batch-size must be >= 1")
-    if not isinstance(args.task_kwargs, dict):
-        parser.error(f"--task-kwargs must be a JSON object, got {args.task_kwargs!r}")
-    from vedas_trainer.synthetic import expand_task_kwargs
-
-    try:
-        expand_task_kwargs(args.task_kwargs)
-    except ValueError as err:
-        parser.error(f"--task-kwargs: {err}")
-    if args.latents_per_step < 1 or (args.max_latent_stage is not None and args.max_latent_stage < 1):
-        parser.error("--max-latent-stage and --latents-per-step must be >= 1")
+    check_synthetic_options(parser, args)
     if args.data != "synthetic" and os.path.splitext(args.data)[1].lower() in (".json", ".jsonl", ".parquet") \
             and not os.path.isfile(args.data):
         parser.error(f"--data: no such data file: {args.data!r}")
