@@ -129,3 +129,30 @@ def test_evaluate_script_reports_grounding_on_synthetic_data(vedas_dirs, tmp_pat
     bad = subprocess.run(command[:-1] + ['{"preset": "huge"}', "--overwrite"], capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "--task-kwargs: unknown task preset 'huge'" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_visualize_marks_the_true_cell(monkeypatch, tmp_path):
+    """The picture of a step carries the true cell (yellow dashes) and its grounding; without a scene it has neither."""
+    import importlib.util
+
+    import numpy as np
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("vedas_example_visualize", EXAMPLES / "visualize.py")
+    visualize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(visualize)
+    sample = sample_with_path([(0, 0), (0, 1)])
+    trace = [dict(step, replay_weights=torch.tensor([[0.6, 0.4]])) for step in hand_trace()]
+    targets = visualize.true_cells(sample, 2)
+    grounding = visualize.grounding_steps(sample, trace, (3, 3))
+    assert targets == [[(0, 0)], [(0, 1)]]
+    assert visualize._hit_label(grounding[1]) == "\nR hit, W hit" and visualize._hit_label(grounding[2]) == "\nR hit, W miss"
+
+    def yellow_pixels(path):
+        pixels = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        return int(((pixels[..., 0] > 230) & (pixels[..., 1] > 230) & (pixels[..., 2] < 40)).sum())
+
+    marked = visualize.draw(sample, trace, (3, 3), "answer : red", tmp_path / "marked.png", targets, grounding)
+    plain = visualize.draw(sample, trace, (3, 3), "answer : red", tmp_path / "plain.png")
+    assert yellow_pixels(marked) > 100 and yellow_pixels(plain) < yellow_pixels(marked) / 4
+    assert visualize.true_cells({"id": "x", "images": []}, 2) == [[], []]
