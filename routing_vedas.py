@@ -177,10 +177,24 @@ class VedasDecoderLayerMixin:
             self.depth_router = DepthRouter(config.hidden_size)
             self.depth_step_embed = DepthStepEmbedding(vedas_config.max_depth, config.hidden_size)
 
+    def __call__(self, hidden_states, *args, vedas_state: VedasForwardState | None = None, **kwargs):
+        """The layer (checkpointed when gradient checkpointing is on), then its saliency row, computed outside the
+        checkpoint: reentrant checkpointing runs `forward` without grad, which would cut the gradient that the
+        replay weights send to q_proj and k_proj through the saliency. The row reads only the layer's input, its
+        weights and (without checkpointing) the cache that `forward` just filled."""
+        output = super().__call__(hidden_states, *args, vedas_state=vedas_state, **kwargs)
+        if vedas_state is not None and vedas_state.saliency_columns is not None:
+            cache = kwargs.get(CACHE_ARG, kwargs.get("past_key_values"))
+            if self.gradient_checkpointing and self.training:  # the checkpointed forward ran without the cache
+                cache = None
+            self._add_saliency(hidden_states, kwargs["position_embeddings"], cache, vedas_state)
+        return output
+
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, vedas_state: VedasForwardState | None = None, **kwargs):
+        """The backbone layer, then (on routing layers) D rounds of routing depth scaling; see `__call__` for the
+        saliency."""
         past_key_values = kwargs.pop("cache", past_key_values)  # its name since transformers 5.24
-        hidden_states_in = hidden_states
         hidden_states = super().forward(
             hidden_states,
             attention_mask=attention_mask,
@@ -193,8 +207,6 @@ class VedasDecoderLayerMixin:
         if vedas_state is None:
             return hidden_states
         vedas_state.attention_calls.append(True)
-        if vedas_state.saliency_columns is not None:
-            self._add_saliency(hidden_states_in, position_embeddings, past_key_values, vedas_state)
         if self.is_routing_layer:
             for depth in range(self.max_depth):
                 hidden_states = self._route(hidden_states, depth, position_embeddings, past_key_values, vedas_state)
