@@ -107,8 +107,9 @@ def parse_cli(argv=None):
     if args.quick:
         args.variants = args.variants or QUICK_VARIANTS
         args.seeds = args.seeds or QUICK_SEEDS
-        passthrough = ["--quick"] + ([] if "n_train" in train.given_options(passthrough)
-                                     else ["--n_train", str(QUICK_N_TRAIN)]) + passthrough
+        recipe = passthrough[:1] if passthrough and not passthrough[0].startswith("-") else []  # stays first
+        passthrough = recipe + ["--quick"] + ([] if "n_train" in train.given_options(passthrough)
+                                              else ["--n_train", str(QUICK_N_TRAIN)]) + passthrough[len(recipe):]
     args.variants, args.seeds = args.variants or "all", args.seeds or [0, 1, 2]
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must differ, got {args.seeds}")

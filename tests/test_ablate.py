@@ -197,3 +197,16 @@ def test_skip_curriculum_trains_every_latent_epoch_at_the_last_stage(vedas_dirs,
         (callback,) = [cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CurriculumCallback)]
         stages[skip] = [callback.stage_for_epoch(epoch) for epoch in range(6)]
     assert stages == {False: [0, 0, 1, 2, 3, 4], True: [0, 0, 3, 3, 3, 3]}
+
+
+def test_dry_run_keeps_a_recipe_first_and_merges_its_overrides(monkeypatch, tmp_path, capsys):
+    module = load_ablate(monkeypatch)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("learning_rate: 0.001\nvedas_overrides:\n  window_size: 1\n")
+    assert module.main([str(recipe), "--quick", "--variants", "no_rds", "--dry_run", "--out", str(tmp_path / "o")]) == 0
+    commands = [line.split() for line in capsys.readouterr().out.splitlines() if "train.py" in line]
+    assert len(commands) == 4  # full and no_rds x the quick seeds 0, 1
+    for command in commands:
+        assert command[2] == str(recipe) and command[3:6] == ["--quick", "--n_train", "64"]
+    assert "'{\"routing_layers\": [], \"window_size\": 1}'" in " ".join(commands[2])
+    assert not (tmp_path / "o").exists()  # nothing trained, nothing written
