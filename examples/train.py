@@ -107,14 +107,19 @@ class RunArguments:
     evaluate_after: bool = field(default=True, metadata={"help": "Evaluate No-CoT / CoT / latent after training."})
 
 
+# M-RoPE: with Qwen2-VL's rope_theta 1e4 and mrope_section [6, 5, 5] at head_dim 32, the row and column sections
+# rotate by at most 0.03 and 0.002 rad per cell, so the text cannot tell the cells of the image apart by position
+# and learning to read "row r col c" depends on luck; rope_theta 10 with [4, 6, 6] gives rows 0.56-0.27 and
+# columns 0.24-0.12 rad per cell (docs/reproducibility.md).
 EMBEDDED_SIZES = TinySizes(
     hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-    mrope_section=[6, 5, 5], vision_depth=2, vision_embed_dim=128, vision_heads=4, vision_mlp_ratio=2,
+    mrope_section=[4, 6, 6], rope_theta=10.0, vision_depth=2, vision_embed_dim=128, vision_heads=4,
+    vision_mlp_ratio=2,
 )
 EMBEDDED_VEDAS = {"num_replay_tokens": 2, "routing_topk": 0.25, "crop_resolution": 56, "window_size": 2,
                   "num_latent_steps": 4}
 EMBEDDED_TRAINING = dict(
-    epochs_per_stage=1, cot_warmup_epochs=12, max_latent_stage=4, learning_rate=2e-3, adam_beta2=0.98,
+    epochs_per_stage=1, cot_warmup_epochs=10, max_latent_stage=4, learning_rate=2e-3, adam_beta2=0.98,
     weight_decay=0.05, warmup_steps=100, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
     max_grad_norm=1.0, per_device_train_batch_size=32, logging_steps=10, save_strategy="epoch", save_total_limit=2,
     report_to="none", dataloader_num_workers=0, remove_unused_columns=False, use_cpu=not torch.cuda.is_available(),
