@@ -78,6 +78,7 @@ REPLAY_SCALES = ("softmax", "rescaled")
 POSITION_MODES = ("original", "sequential")
 ROUTING_MODES = ("causal", "global")
 ROUTING_POSITION_MODES = ("original", "rearranged")
+DEPTH_RESIDUALS = ("gated", "literal")
 # OpenAI CLIP statistics, the Qwen2-VL image processor's defaults
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -108,10 +109,14 @@ class VedasSettings:
         crop_resolution (`int`, *optional*, defaults to 280):
             Side in pixels of the re-encoded crop; a multiple of patch_size * spatial_merge_size.
         recon_weight (`float`, *optional*, defaults to 1.0):
-            λ, the weight of the self-distillation loss L_recon (paper: 1.0 for 2B/3B, 0.2 for 7B).
+            λ, the weight of the self-distillation loss L_recon (paper: 1.0 for 2B/3B, 0.2 for 7B). L_recon is
+            `mse_loss` with mean reduction: it averages over the hidden dimension as well as over the (step,
+            sample) pairs, as the authors' release does (`nn.MSELoss`, weight 0.2), while Eq. 8 writes a squared
+            L2 norm, d_model times larger per pair (docs/design.md, section 7).
         recon_normalize_target (`bool`, *optional*, defaults to True):
             Layer-normalise (no affine) the teacher's pooled crop features u_ref before the MSE, so that L_recon
-            keeps its scale while the vision tower trains; False is the paper-literal MSE on raw features.
+            keeps its scale while the vision tower trains. False uses the raw pooled features, as the authors'
+            release does (still the mean-reduced MSE, not Eq. 8's squared norm).
         image_mean, image_std (`list[float]`):
             Normalisation used to re-encode crops; copied from the image processor at conversion.
 
@@ -134,6 +139,12 @@ class VedasSettings:
         depth_gate_init (`float`, *optional*, defaults to 0.0):
             Initial value of the step embeddings e(d) (`depth_step_embed`). 0 makes a converted model compute
             exactly its base model until training moves e.
+        depth_residual (`str`, *optional*, defaults to `"gated"`):
+            How a routing layer's second pass enters its output (Eqs. 10-11), with h the layer's output, m the
+            selection, s the router gate and f the second pass. `"gated"`: out = h + m ⊙ s ⊙ (f(h) - h) ⊙ e(d), so
+            unselected tokens keep h exactly (our reading; docs/design.md, section 5). `"literal"`: Eq. 11 as
+            printed, H(D) = H(0) + Σ_d H(d) ⊙ e(d) with H(d) = h + m ⊙ s ⊙ (f(h) - h), so every token, selected or
+            not, is scaled by (1 + e(d)). Both compute the base model while e(d) = 0.
 
     Special tokens (strings in :data:`SPECIAL_TOKENS`, ids filled in by the conversion):
         start_latent_token_id, latent_token_id, end_latent_token_id, replay_token_id (`int`, *optional*)
@@ -156,6 +167,7 @@ class VedasSettings:
     routing: str = "causal"
     routing_positions: str = "original"
     depth_gate_init: float = 0.0
+    depth_residual: str = "gated"
     start_latent_token: str = START_LATENT_TOKEN
     latent_token: str = LATENT_TOKEN
     end_latent_token: str = END_LATENT_TOKEN
@@ -200,6 +212,7 @@ class VedasSettings:
         check_choice("replay_positions", POSITION_MODES)
         check_choice("routing", ROUTING_MODES)
         check_choice("routing_positions", ROUTING_POSITION_MODES)
+        check_choice("depth_residual", DEPTH_RESIDUALS)
         if not isinstance(self.window_size, int) or self.window_size < 1:
             raise ValueError(f"VedasConfig.window_size (W) must be an integer >= 1, got {self.window_size!r}.")
         unit = self.vision_config.patch_size * self.vision_config.spatial_merge_size

@@ -174,6 +174,7 @@ class VedasDecoderLayerMixin:
             self.routing_topk = vedas_config.routing_topk_for_layer(layer_idx)
             self.max_depth = vedas_config.max_depth
             self.routing_positions = vedas_config.routing_positions
+            self.depth_residual = vedas_config.depth_residual
             self.depth_router = DepthRouter(config.hidden_size)
             self.depth_step_embed = DepthStepEmbedding(vedas_config.max_depth, config.hidden_size)
 
@@ -281,7 +282,7 @@ class VedasDecoderLayerMixin:
         if state.record_scores:
             state.router_scores[key] = (scores.detach(), selected)
         if width == 0:
-            return hidden_states
+            return self._depth_residual(hidden_states, hidden_states, depth)
         order = torch.sort((~selected).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # (b, w)
         sel_valid = torch.arange(width, device=counts.device)[None] < counts[:, None]
         index = order.unsqueeze(-1)
@@ -323,9 +324,21 @@ class VedasDecoderLayerMixin:
         f_sel = super().forward(h_sel, attention_mask=mask, use_cache=True, **{CACHE_ARG: kv},
                                 position_embeddings=(cos, sin))
         gate = scores.gather(1, order).unsqueeze(-1).to(h_sel.dtype)
+        if self.depth_residual == "literal":  # H(d) = h + m ⊙ s ⊙ (f(h) - h), then Eq. 11 as printed
+            delta = (f_sel - h_sel) * gate * sel_valid.unsqueeze(-1)
+            routed = hidden_states.scatter_add(1, index.expand_as(delta), delta)
+            return self._depth_residual(hidden_states, routed, depth)
         delta = (f_sel - h_sel) * gate * self.depth_step_embed.weight[depth] * sel_valid.unsqueeze(-1)
         # out-of-place scatter_add: one copy of the hidden states plus the selected rows (indices are distinct)
         return hidden_states.scatter_add(1, index.expand_as(delta), delta)
+
+    def _depth_residual(self, hidden_states, routed, depth: int):
+        """The output of depth step d when nothing else is added: h itself (`"gated"`, whose update is added in
+        `_route`), or h + e(d) ⊙ H(d) (`"literal"`, Eq. 11: every token scaled by (1 + e(d)) when unselected).
+        hidden_states h, routed H(d): `(batch, l, hidden)`."""
+        if self.depth_residual == "literal":
+            return hidden_states + routed * self.depth_step_embed.weight[depth]
+        return hidden_states
 
 
 def _rotate(x, cos, sin):

@@ -4,7 +4,7 @@ option, config checks."""
 import pytest
 import torch
 
-from conftest import BACKBONES, load_vedas, perturb_vedas
+from conftest import BACKBONES, load_vedas, make_inputs, perturb_vedas, quadrant_image
 from test_latent import training_batch
 
 
@@ -53,3 +53,50 @@ def test_gradient_checkpointing_gives_the_same_gradients(model_and_processor, re
         if error > 1e-4:
             far[name] = error
     assert not far, far
+
+
+def _routing_layer_outputs(model, depth_residual, hidden, state_args):
+    """(layer output, backbone-only output, selection) of routing layer 0 on `hidden` `(1, l, d)`."""
+    layer = model.model.language_model.layers[0]
+    positions = torch.arange(hidden.shape[1])[None, None].expand(3, 1, -1)
+    embeddings = model.model.language_model.rotary_emb(hidden, positions)
+    state = model._routing_state(**state_args, record_scores=True)
+    saved, layer.depth_residual = layer.depth_residual, depth_residual
+    try:
+        with torch.no_grad():
+            out = layer(hidden, position_embeddings=embeddings, vedas_state=state)
+            base = layer(hidden, position_embeddings=embeddings)
+    finally:
+        layer.depth_residual = saved
+    return out, base, state.router_scores[(0, 0)][1]
+
+
+def test_literal_eq11_scales_every_token_by_one_plus_e(vedas_dirs):
+    """`depth_residual="literal"`: out = h + e ⊙ (h + m ⊙ s ⊙ (f(h) - h)) = gated out + e ⊙ h, so an unselected
+    token is h ⊙ (1 + e(d)) and a selected one adds the gated update on top; `"gated"` (the default) keeps h."""
+    model, _ = load_vedas(vedas_dirs["qwen2_vl"], depth_residual="literal")
+    assert model.config.depth_residual == "literal"
+    assert all(layer.depth_residual == "literal" for layer in model.model.language_model.layers if layer.is_routing_layer)
+    perturb_vedas(model)
+    e = model.model.language_model.layers[0].depth_step_embed.weight[0].detach()
+    hidden = torch.randn(1, 10, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    valid = torch.ones(1, 10, dtype=torch.bool)
+    state_args = dict(token_valid=valid, prompt_mask=valid)  # top-α (6) of the 10 tokens
+    literal, base, selected = _routing_layer_outputs(model, "literal", hidden, state_args)
+    gated, _, same_selection = _routing_layer_outputs(model, "gated", hidden, state_args)
+    assert torch.equal(selected, same_selection) and 0 < int(selected.sum()) < 10
+    torch.testing.assert_close(gated[~selected], base[~selected], atol=0, rtol=0)
+    torch.testing.assert_close(literal[~selected], base[~selected] * (1 + e), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(literal, gated + base * e, atol=1e-5, rtol=1e-5)
+    assert (gated[selected] - base[selected]).abs().max() > 1e-3  # the second pass changed the selected tokens
+
+
+def test_literal_eq11_with_zero_e_is_the_base_model(vedas_dirs):
+    """Like the default, the literal form computes the base model while e(d) = 0 (a converted checkpoint)."""
+    gated, processor = load_vedas(vedas_dirs["qwen2_vl"])
+    literal, _ = load_vedas(vedas_dirs["qwen2_vl"], depth_residual="literal")
+    inputs = make_inputs(processor, ["what colour ?"], [quadrant_image()])
+    with torch.no_grad():
+        torch.testing.assert_close(literal(**inputs).logits, gated(**inputs).logits, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="depth_residual"):
+        load_vedas(vedas_dirs["qwen2_vl"], depth_residual="paper")
