@@ -23,7 +23,7 @@ import offline_guard  # noqa: E402
 import pytest
 
 from vedas_trainer.checkpoint import convert_base, load_vedas  # noqa: F401 (re-exported for the tests)
-from vedas_trainer.testing import make_inputs, perturb_vedas, quadrant_image  # noqa: F401 (for the tests)
+from vedas_trainer.testing import make_inputs, no_eos, perturb_vedas, quadrant_image, two_prompts  # noqa: F401
 from vedas_trainer.tiny_base import build_tiny_base
 
 

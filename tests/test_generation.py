@@ -16,7 +16,7 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from conftest import BACKBONES, load_vedas, make_inputs, perturb_vedas, quadrant_image
+from conftest import BACKBONES, load_vedas, make_inputs, no_eos, perturb_vedas, quadrant_image, two_prompts
 
 
 @pytest.fixture(scope="module", params=BACKBONES)
@@ -29,20 +29,6 @@ def model_and_processor(request, vedas_dirs):
 def qwen2(vedas_dirs):
     model, processor = load_vedas(vedas_dirs["qwen2_vl"])
     return perturb_vedas(model), processor
-
-
-def two_prompts(processor):
-    """A left-padded batch of two prompts with different images (sizes and so visual token counts)."""
-    return make_inputs(
-        processor, ["what colour is the arrow in the last cell ?", "which ?"],
-        [quadrant_image((112, 84), seed=1), quadrant_image((56, 112), seed=2)],
-    )
-
-
-def no_eos(model):
-    """Keep every row decoding to max_new_tokens, so that runs of different lengths can be compared."""
-    eos = model.generation_config.eos_token_id
-    return {"suppress_tokens": eos if isinstance(eos, list) else [eos]}
 
 
 class ForceTokens(LogitsProcessor):

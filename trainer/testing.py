@@ -26,6 +26,20 @@ def make_inputs(processor, questions, images):
     return processor(text=texts, images=flat_images or None, return_tensors="pt", padding=True)
 
 
+def two_prompts(processor):
+    """A left-padded batch of two prompts whose images differ in size (and so in visual token count)."""
+    return make_inputs(
+        processor, ["what colour is the arrow in the last cell ?", "which ?"],
+        [quadrant_image((112, 84), seed=1), quadrant_image((56, 112), seed=2)],
+    )
+
+
+def no_eos(model):
+    """generate() options that keep every row decoding to max_new_tokens, so that runs line up token by token."""
+    eos = model.generation_config.eos_token_id
+    return {"suppress_tokens": eos if isinstance(eos, list) else [eos]}
+
+
 def perturb_vedas(model, seed=0, gate=0.5, check_init=True):
     """Give the router and e(d) non-trivial values so that routing really changes the outputs.
 

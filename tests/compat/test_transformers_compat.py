@@ -25,7 +25,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from conftest import BACKBONES, make_inputs, perturb_vedas, quadrant_image
+from conftest import BACKBONES, make_inputs, no_eos, perturb_vedas, quadrant_image, two_prompts
 from vedas import configuration_vedas
 from vedas.configuration_vedas import TRANSFORMERS_RANGE, check_transformers_version, transformers_requirement
 
@@ -59,20 +59,6 @@ def remote(request, compat_dirs):
     model, processor = load_remote(compat_dirs[request.param][1])
     assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
     return perturb_vedas(model), processor
-
-
-def two_prompts(processor):
-    """A left-padded batch of two prompts whose images differ in size (and so in visual token count)."""
-    return make_inputs(
-        processor, ["what colour is the arrow in the last cell ?", "which ?"],
-        [quadrant_image((112, 84), seed=1), quadrant_image((56, 112), seed=2)],
-    )
-
-
-def no_eos(model):
-    """Every row decodes to max_new_tokens, so that sequences of different runs line up."""
-    eos = model.generation_config.eos_token_id
-    return {"suppress_tokens": eos if isinstance(eos, list) else [eos]}
 
 
 def answer_log_probs(model, inputs, sequences, answer_length):
