@@ -281,8 +281,9 @@ class VedasDecoderLayerMixin:
         state.router_stats[key] = {name: value.detach() for name, value in stats.items()}
         if state.record_scores:
             state.router_scores[key] = (scores.detach(), selected)
-        if width == 0:
+        if width == 0 and not _in_lockstep(self):
             return self._depth_residual(hidden_states, hidden_states, depth)
+        width = max(width, 1)  # ranks in lockstep run the second pass even on nothing: one masked slot, zero update
         order = torch.sort((~selected).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # (b, w)
         sel_valid = torch.arange(width, device=counts.device)[None] < counts[:, None]
         index = order.unsqueeze(-1)
@@ -339,6 +340,29 @@ class VedasDecoderLayerMixin:
         if self.depth_residual == "literal":
             return hidden_states + routed * self.depth_step_embed.weight[depth]
         return hidden_states
+
+
+def _in_lockstep(module: nn.Module) -> bool:
+    """True when every data-parallel rank runs this forward together and must run the same collectives: training
+    under torch.distributed, or any forward of a model whose weights DeepSpeed ZeRO-3 partitions (each module's
+    weights are gathered from all ranks as it runs). Then a data-dependent shortcut that skips a module on one rank
+    only (a latent pass, a routing round with nothing selected, the reconstruction without a crop) makes the ranks'
+    gathers fall out of step: a hang."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    if torch.distributed.get_world_size() < 2:
+        return False
+    return module.training or hasattr(next(module.parameters(), None), "ds_id")
+
+
+def _agree_across_ranks(module: nn.Module, values: list[int]) -> list[int]:
+    """The largest of each value over all ranks in lockstep (see `_in_lockstep`); the values unchanged otherwise."""
+    if not _in_lockstep(module):
+        return list(values)
+    device = next(module.parameters()).device
+    tensor = torch.tensor(values, dtype=torch.long, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return [int(v) for v in tensor.tolist()]
 
 
 def _rotate(x, cos, sin):

@@ -51,6 +51,9 @@ from vedas_trainer.checkpoint import (
     CheckpointError, convert_base, is_vedas_checkpoint, load_vedas, save_vedas_checkpoint,
 )
 from vedas_trainer.collator import VedasCollator
+from vedas_trainer.distributed import (
+    empty_tensors, full_parameter_checksum, gathered_state_dict, is_partitioned, outside_zero3_init, whole_copy,
+)
 from vedas_trainer.data import DataError
 from vedas_trainer.hub import HubError, push_after_training, resolve_model_folder, training_push_target
 from vedas_trainer.tiny_base import TinySizes, build_tiny_base
@@ -351,14 +354,16 @@ def prepare_model(model_args, training_args, embedded, quick):
         overrides["recon_weight"] = model_args.recon_weight
     base_dir = Path(out / "base" if embedded else resolve_model_folder(model_args.base_model))  # folder or Hub id
     init_dir = out / "init"
-    # the main process builds and converts; the others wait, then load the same folder
-    with training_args.main_process_first(desc="building and converting the base"):
+    # the main process builds and converts; the others wait, then load the same folder. All of it whole, outside
+    # ZeRO-3's init (which would build empty slices): the Trainer partitions the model when it prepares DeepSpeed.
+    with training_args.main_process_first(desc="building and converting the base"), outside_zero3_init():
         if training_args.process_index == 0 and not is_vedas_checkpoint(base_dir):
             if embedded:
                 build_tiny_base(model_args.backbone, str(base_dir), seed=training_args.seed,
                                 sizes=TinySizes() if quick else EMBEDDED_SIZES)
             convert_base(base_dir, init_dir, overrides=overrides, overwrite=True)
-    model, processor = load_vedas(base_dir if is_vedas_checkpoint(base_dir) else init_dir)
+    with outside_zero3_init():
+        model, processor = load_vedas(base_dir if is_vedas_checkpoint(base_dir) else init_dir)
     return model.train(), processor
 
 
@@ -433,14 +438,20 @@ class WarmupEvalCallback(TrainerCallback):
         self.results = None
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        if self.results is not None or round(state.epoch or 0) != self.warmup_epochs or not state.is_world_process_zero:
+        # under ZeRO-3 every rank runs the same evaluation (each module gathers its weights from all ranks)
+        collective = is_partitioned(model)
+        if self.results is not None or round(state.epoch or 0) != self.warmup_epochs or not (
+                state.is_world_process_zero or collective):
             return
         from vedas_trainer.evaluation import evaluate_checkpoint
 
         was_training = model.training
         model.eval()
-        self.results = evaluate_checkpoint(model, self.processor, self.samples, modes=("nocot", "cot"), batch_size=32)
+        results = evaluate_checkpoint(model, self.processor, self.samples, modes=("nocot", "cot"), batch_size=32)
         model.train(was_training)
+        if not state.is_world_process_zero:
+            return
+        self.results = results
         logger.info("End of CoT warm-up: %s", {m: r["accuracy"] for m, r in self.results["modes"].items()})
 
 
@@ -620,24 +631,41 @@ def main(argv=None):
     callbacks = [WarmupEvalCallback(processor, test_samples, warmup)] if test_samples and not model_args.lora else []
     trainer = build_trainer(model_args, args, model, processor, train_dataset, eval_dataset, callbacks)
     trainer.train(resume_from_checkpoint=resume_checkpoint(args))
-    # every rank logs its own weights' checksum: data-parallel replicas must end identical
-    total, digest = parameter_checksum(trainer.model)
+    # every rank logs the checksum of the full weights (gathered under ZeRO-3): data-parallel replicas must agree
+    total, digest, values = full_parameter_checksum(trainer.model)
     logger.info("rank %d parameter checksum %.6f sha256 %s (global step %d)", args.process_index, total, digest,
                 trainer.state.global_step)
+    logger.info("rank %d checksummed %d parameter values", args.process_index, values)
+    final = final_model(trainer, model_args)  # every rank takes part (ZeRO-3 gathers); whole on the main process
     if trainer.is_world_process_zero():
         record = training_record(trainer, args, model.config)
-        final_dir = write_outputs(trainer, processor, model_args, data_args, run_args, args, embedded, test_samples,
-                                  callbacks, record, started, len(train_dataset))
+        final_dir = write_outputs(trainer, final, processor, model_args, data_args, run_args, args, embedded,
+                                  test_samples, callbacks, record, started, len(train_dataset))
         if push_repo:  # a push that cannot happen (offline, no network) prints why and the command to push later
             push_after_training(final_dir, push_repo, token=args.hub_token, private=bool(args.hub_private_repo))
 
 
-def write_outputs(trainer, processor, model_args, data_args, run_args, args, embedded, test_samples, callbacks,
-                  record, started, n_train):
+def final_model(trainer, model_args):
+    """The trained model, whole, for the main process to evaluate and save (LoRA merged). Under ZeRO-3 a whole copy
+    built from the gathered weights (every rank must call this; the other ranks get None), refused if any weight
+    came back empty."""
+    if not is_partitioned(trainer.model):
+        return trainer.model.merge_and_unload() if model_args.lora else trainer.model
+    state_dict = gathered_state_dict(trainer)
+    if not trainer.is_world_process_zero():
+        return None
+    empty = empty_tensors(state_dict)
+    if empty:
+        raise RuntimeError(f"the gathered final weights have {len(empty)} empty tensors, e.g. {empty[:3]}")
+    final = whole_copy(trainer.accelerator.unwrap_model(trainer.model), state_dict)
+    return final.merge_and_unload() if model_args.lora else final
+
+
+def write_outputs(trainer, final, processor, model_args, data_args, run_args, args, embedded, test_samples,
+                  callbacks, record, started, n_train):
     """Rank 0: the final evaluation, Table 1, the loss curve, `checkpoint-final`, pictures and `report.json`."""
     out = Path(args.output_dir)
     final_dir = out / "checkpoint-final"
-    final = trainer.model.merge_and_unload() if model_args.lora else trainer.model
     results_md = None
     report = {"train_seconds": time.time() - started, **record, "world_size": args.world_size,
               "args": {"model": asdict(model_args), "data": asdict(data_args), "run": asdict(run_args)}}

@@ -417,7 +417,8 @@ def check_vocabulary(folder, model, processor) -> None:
     trains the wrong rows without any error, a vision marker that differs fails at the first forward. All of
     these come from mixing files of different checkpoints.
     """
-    rows = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    rows = (getattr(weight, "ds_shape", None) or weight.shape)[0]  # ZeRO-3 holds a slice: its full shape
     tokenizer = processor.tokenizer
     where = str(folder)
     if len(tokenizer) > rows:

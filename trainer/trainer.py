@@ -570,7 +570,7 @@ def parameter_summary(model) -> dict[str, int]:
     (tied) parameters count once, as `named_parameters` lists them."""
     counts = dict.fromkeys(("total", "trainable", "vedas_total", "vedas_trainable"), 0)
     for name, param in model.named_parameters():
-        n = param.numel()
+        n = getattr(param, "ds_numel", None) or param.numel()  # ZeRO-3 holds a slice: its full size
         vedas = any(f".{module}." in f".{name}." for module in VEDAS_MODULES)
         counts["total"] += n
         counts["vedas_total"] += n * vedas
