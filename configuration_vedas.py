@@ -73,6 +73,11 @@ SPECIAL_TOKENS = {
     "replay": REPLAY_TOKEN,
 }
 
+# Upper bounds on T and K, for the config and for generate's per-call values: each latent step is one forward and
+# adds R + 1 columns, so a slip such as num_latent_steps=10000 would run for hours instead of failing at once.
+MAX_LATENT_STEPS = 64
+MAX_REPLAY_TOKENS = 1024
+
 REPLAY_MODES = ("tokens", "soft_mix")
 REPLAY_SCALES = ("softmax", "rescaled")
 POSITION_MODES = ("original", "sequential")
@@ -259,10 +264,28 @@ class VedasSettings:
 
     @property
     def replay_tokens_per_step(self) -> int:
-        """Replay slots before each latent: K for `"tokens"`, 1 for `"soft_mix"`, 0 when replay is off."""
-        if self.num_replay_tokens == 0:
+        """R for the config's own K (see `replay_slots`)."""
+        return self.replay_slots(self.num_replay_tokens)
+
+    def replay_slots(self, num_replay_tokens: int) -> int:
+        """R, the replay slots before each latent for K = `num_replay_tokens`: K for `"tokens"`, 1 for
+        `"soft_mix"`, 0 when replay is off."""
+        if num_replay_tokens == 0:
             return 0
-        return 1 if self.replay_mode == "soft_mix" else self.num_replay_tokens
+        return 1 if self.replay_mode == "soft_mix" else num_replay_tokens
+
+    def latent_block_ids(self, num_steps: int, num_replay_tokens: int | None = None, *, start: bool = True,
+                         end: bool = True) -> list[int]:
+        """The token ids of a latent block, the one definition of the sequence layout (docs/design.md, section 2)
+        that the collator, `forward`, `generate` and evaluation all read:
+
+            <|start_latent|>  ([<|replay|>] x R + [<|latent|>]) x T  <|end_latent|>
+
+        with T = `num_steps` and R = `replay_slots(K)` (K defaults to `num_replay_tokens`; K = 0 gives the compact
+        form `generate` returns). `start` / `end` leave out the markers."""
+        k = self.num_replay_tokens if num_replay_tokens is None else num_replay_tokens
+        step = [self.replay_token_id] * self.replay_slots(k) + [self.latent_token_id]
+        return [self.start_latent_token_id] * start + step * num_steps + [self.end_latent_token_id] * end
 
     def routing_topk_for_layer(self, layer_idx: int) -> int | float:
         """α for one decoder layer: the count, the fraction, or the cosine schedule's value at `layer_idx`."""

@@ -10,7 +10,7 @@ prompt's visual tokens selects B(t). Each latent step is one forward of R + 1 ne
 """
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -20,8 +20,17 @@ from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
 
-from .configuration_vedas import CACHE_ARG, Vedas25Config, VedasConfig
-from .replay_vedas import crop_and_resize, find_dense_window, patchify_images, select_replay, window_to_pixel_box
+from .configuration_vedas import CACHE_ARG, MAX_LATENT_STEPS, MAX_REPLAY_TOKENS, Vedas25Config, VedasConfig
+from .replay_vedas import (
+    ReplaySelection,
+    VisualTokens,
+    crop_and_resize,
+    dense_windows,
+    patchify_images,
+    select_replay,
+    visual_tokens,
+    window_to_pixel_box,
+)
 from .routing_vedas import (
     DepthStepEmbedding,
     Vedas25DecoderLayer,
@@ -97,23 +106,81 @@ class VedasGenerateOutput(ModelOutput):
 
 @dataclass
 class _LatentLayout:
+    """Where the latent block of a batch sits (`config.latent_block_ids` defines its tokens)."""
+
     start: int  # column of <|start_latent|> (the same in every row)
     steps: torch.Tensor  # (batch,) latent steps of each row
     num_steps: int  # max over rows
     slots: int  # replay slots per step (R)
 
-    def replay_columns(self, step: int) -> range:  # step is 1-based
+    def replay_columns(self, step: int) -> range:
+        """The R replay slots of step `step` (1-based): they follow z(step - 1), or the marker for step 1."""
         first = self.start + 1 + (step - 1) * (self.slots + 1)
         return range(first, first + self.slots)
 
     def latent_column(self, step: int) -> int:
+        """The column of z(step) (1-based), right after its replay slots."""
         return self.start + step * (self.slots + 1)
 
 
-# Bounds on generate's per-call T and K: each latent step is one forward and adds R + 1 columns, so a slip such as
-# num_latent_steps=10000 would run for hours instead of failing at once.
-MAX_LATENT_STEPS = 64
-MAX_REPLAY_TOKENS = 1024
+@dataclass
+class _LatentRun:
+    """What the passes of one latent forward share; `_latent_step` updates embeds, positions, mask and visited."""
+
+    layout: _LatentLayout
+    num_replay: int  # K of this call
+    embeds: torch.Tensor  # (batch, l, hidden): token embeddings, merger outputs, then z(t) and B(t) as written
+    positions: torch.Tensor  # (3, batch, l) M-RoPE positions; replay slots take the copied tokens' positions
+    mask: torch.Tensor  # (batch, l): attention mask; unused replay slots are 0
+    visual: VisualTokens  # each sample's visual tokens (columns, images, merged cells)
+    visited: torch.Tensor  # (batch, v): visual tokens replayed at an earlier step
+    prompt_mask: torch.Tensor  # (batch, l): the routing prompt
+    prompt_lengths: torch.Tensor  # (batch,)
+    cache: VedasCache | None  # None: every pass recomputes the prefix
+    replay_on: bool  # R > 0 and the batch has image tokens
+    compute_recon: bool  # L_recon is computed (training, crop images, λ > 0)
+    output_latent_trace: bool
+    trace: list = field(default_factory=list)  # one dict per latent step
+    recon: list = field(default_factory=list)  # (sample, crop window, mean B(t) (hidden,)) for L_recon
+
+
+@dataclass
+class _Replay:
+    """B(t) of one latent step, from `_replay_tokens`."""
+
+    tokens: torch.Tensor  # (batch, R, hidden): the weighted visual features
+    positions: torch.Tensor  # (3, batch, R): positions of the copied tokens
+    slot_valid: torch.Tensor  # (batch, R): slots that hold a token
+    selection: ReplaySelection  # the top-K indices and weights over the visual tokens
+    saliency: torch.Tensor  # (batch, v) float32: a(t)
+
+
+@dataclass
+class _LatentPass:
+    """One pass of the latent forward, from `_latent_pass`."""
+
+    hidden: torch.Tensor  # (batch, columns of the pass, hidden), after the final norm
+    state: VedasForwardState  # routing state: saliency, router statistics and scores
+    recorded: tuple | None  # (hidden_states, attentions) of the pass, when asked for and covered by it
+
+
+@dataclass
+class LatentPhase:
+    """The latent phase `generate` runs before decoding the answer (`_latent_forward(..., return_hidden_only=True)`).
+
+    Args:
+        last_hidden_state: `(batch, columns, hidden)` of the last pass (it ends at z(T)).
+        cache: the `VedasCache` holding the prompt and the T steps (None without a cache).
+        position_ids: `(3, batch, l)` positions of the layout, the replay slots' filled in.
+        attention_mask: `(batch, l)`, unused replay slots masked.
+        latent_trace: one dict per step (see `forward`'s `output_latent_trace`).
+    """
+
+    last_hidden_state: torch.Tensor
+    cache: VedasCache | None
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    latent_trace: list
 
 
 def _per_call(name: str, value, config, bound: int) -> int:
@@ -248,6 +315,7 @@ class VedasMixin:
         # token_sr predicts the crop's pooled features from the mean of B(t) (self-distillation)
         self.token_sr = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self._warned = set()
+        self._routing_prompt_length = None  # set by generate while it decodes without a cache
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -272,9 +340,8 @@ class VedasMixin:
             warnings.warn(message, stacklevel=3)
 
     def _replay_slots(self, num_replay_tokens: int) -> int:
-        if num_replay_tokens == 0:
-            return 0
-        return 1 if self.config.replay_mode == "soft_mix" else num_replay_tokens
+        """R for K = `num_replay_tokens` (`VedasSettings.replay_slots`)."""
+        return self.config.replay_slots(num_replay_tokens)
 
     def _routing_state(self, token_valid, prompt_mask, key_valid=None, record_scores=False,
                        prompt_lengths=None, segments=None) -> VedasForwardState:
@@ -356,7 +423,6 @@ class VedasMixin:
         num_replay_tokens: int | None = None,
         output_latent_trace: bool = False,
         output_router_scores: bool = False,
-        routing_prompt_length: int | None = None,
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
@@ -394,10 +460,6 @@ class VedasMixin:
             `(batch, K)`, `saliency` `(batch, v)` float32 (the step's saliency of each visual token of the sample, 0
             past its count), `crop_window` (per sample `(image, row0, row1, col0, col1)` or None) and
             `router_scores` (per `(layer, depth)`: `(batch, tokens of that pass)` scores and selection).
-        routing_prompt_length (`int`, *optional*): in a plain (not latent) forward, the routing prompt ends at the
-            latest after the first `routing_prompt_length` columns of the sequence (cache included). `generate`
-            passes the prompt's width when it recomputes the sequence without a cache, so that the tokens it
-            generated are compared with the prompt's thresholds, as on the cache, instead of joining its top-α.
         """
         if kwargs.get("pixel_values_videos") is not None:
             raise NotImplementedError("Vedas replays image tokens; video inputs are not supported.")
@@ -428,7 +490,7 @@ class VedasMixin:
             out = self._plain_forward(
                 input_ids, inputs_embeds, attention_mask, position_ids, past_key_values, labels, use_cache,
                 image_inputs, mm_token_type_ids, logits_to_keep=logits_to_keep,
-                routing_prompt_length=routing_prompt_length, output_router_scores=output_router_scores, **record,
+                output_router_scores=output_router_scores, **record,
             )
         return out if return_dict else out.to_tuple()
 
@@ -450,9 +512,13 @@ class VedasMixin:
         return False
 
     def _plain_forward(self, input_ids, inputs_embeds, attention_mask, position_ids, past_key_values, labels, use_cache,
-                       image_inputs, mm_token_type_ids, logits_to_keep=0, routing_prompt_length=None,
-                       output_router_scores=False, **record) -> VedasCausalLMOutput:
-        """The backbone over `(batch, l)` new tokens (`past` more in the cache), with routing depth scaling."""
+                       image_inputs, mm_token_type_ids, logits_to_keep=0, output_router_scores=False,
+                       **record) -> VedasCausalLMOutput:
+        """The backbone over `(batch, l)` new tokens (`past` more in the cache), with routing depth scaling.
+
+        While `generate` decodes without a cache it sets `_routing_prompt_length` to the prompt's width: the
+        routing prompt then ends there at the latest, so that the generated tokens are compared with the
+        prompt's thresholds, as on the cache, instead of joining its top-α."""
         # masks, packing and the cache are checked before any work (the image tower included)
         tokens = input_ids if input_ids is not None else inputs_embeds[..., 0]
         dtype = inputs_embeds.dtype if inputs_embeds is not None else self.model.get_input_embeddings().weight.dtype
@@ -480,7 +546,8 @@ class VedasMixin:
             )
             if position_ids is not None:  # on a cache, HF derives positions for the whole attention mask
                 position_ids = position_ids[..., -length:]
-        prompt_mask = self._prompt_mask(input_ids, labels, token_valid, routing_prompt_length, past_length, segments)
+        prompt_mask = self._prompt_mask(input_ids, labels, token_valid, prompt_length=self._routing_prompt_length,
+                                        past_length=past_length, segments=segments)
         state = self._routing_state(token_valid, prompt_mask, record_scores=output_router_scores, segments=segments)
         outputs = self.model.language_model(
             inputs_embeds=embeds, attention_mask=backbone_mask, position_ids=position_ids,
@@ -562,12 +629,13 @@ class VedasMixin:
         return prompt & token_valid
 
     # ----------------------------------------------------------- latent layout
-    def _parse_latent_layout(self, input_ids, attention_mask, slots: int) -> _LatentLayout:
-        """Check the latent layout of every row and return where things are; errors name the offending row."""
+    def _parse_latent_layout(self, input_ids, num_replay: int) -> _LatentLayout:
+        """Check the latent layout of every row `(batch, l)` against `config.latent_block_ids` and return where
+        things are; errors name the offending row."""
         cfg = self.config
-        is_start = input_ids == cfg.start_latent_token_id
+        slots = cfg.replay_slots(num_replay)
         in_block = self._latent_block(input_ids)  # tokens after the block (the answer) are ordinary tokens
-        is_start = is_start & in_block
+        is_start = (input_ids == cfg.start_latent_token_id) & in_block
         steps = ((input_ids == cfg.latent_token_id) & in_block).sum(-1)
         for row in range(input_ids.shape[0]):
             if int(is_start[row].sum()) != 1 and int(steps[row]) > 0:
@@ -590,8 +658,14 @@ class VedasMixin:
                 f"<|start_latent|> sits in different columns across the batch ({start_columns.tolist()}); left-pad the "
                 f"prompts so that the latent block starts in the same column (the Vedas collator does this)."
             )
-        layout = _LatentLayout(int(start_columns), steps, int(steps.max()), slots)
-        # expected tokens after the marker: [replay x R, latent] x T_row, end_latent
+        layout = _LatentLayout(start=int(start_columns), steps=steps, num_steps=int(steps.max()), slots=slots)
+        self._check_block_tokens(input_ids, layout, has_start, num_replay)
+        return layout
+
+    def _check_block_tokens(self, input_ids, layout: _LatentLayout, has_start, num_replay: int):
+        """Refuse a row whose tokens after `<|start_latent|>` are not its T_row steps and `<|end_latent|>`, as
+        `config.latent_block_ids` lays them out (naming the row)."""
+        cfg, steps, slots = self.config, layout.steps, layout.slots
         available = input_ids.shape[1] - layout.start - 1
         needed = steps * (slots + 1) + 1
         if bool((needed > available).any()):
@@ -603,14 +677,12 @@ class VedasMixin:
             )
         width = int(needed.max())
         block = input_ids[:, layout.start + 1 : layout.start + 1 + width]
-        pattern = torch.full((slots + 1,), cfg.replay_token_id, device=input_ids.device)
-        pattern[-1] = cfg.latent_token_id
-        expected = pattern.repeat(layout.num_steps + 1)[:width][None].expand(input_ids.shape[0], -1).clone()
+        longest = cfg.latent_block_ids(num_steps=layout.num_steps, num_replay_tokens=num_replay, start=False)
+        expected = torch.tensor(longest, device=input_ids.device)[None].expand(input_ids.shape[0], -1)
         position = torch.arange(width, device=input_ids.device)[None]
-        end_col = steps[:, None] * (slots + 1)
+        end_col = steps[:, None] * (slots + 1)  # a row with fewer steps closes its block earlier
         expected = torch.where(position == end_col, cfg.end_latent_token_id, expected)
-        check = position <= end_col
-        bad = ((block != expected) & check & has_start[:, None]).any(-1)
+        bad = ((block != expected) & (position <= end_col) & has_start[:, None]).any(-1)
         if bool(bad.any()):
             row = int(bad.int().argmax())
             raise ValueError(
@@ -618,7 +690,6 @@ class VedasMixin:
                 f"{int(steps[row])} x ({slots} <|replay|> + <|latent|>) then <|end_latent|>, got token ids "
                 f"{block[row, : int(end_col[row]) + 1].tolist()}."
             )
-        return layout
 
     def _latent_position_ids(self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw):
         """(3, batch, seq) M-RoPE positions; replay slots are skipped by the text counter (they are filled with the
@@ -637,69 +708,18 @@ class VedasMixin:
         )
         return positions
 
-    def _visual_tokens(self, input_ids, attention_mask, image_grid_thw):
-        """Columns of each sample's visual tokens, padded: (batch, v) long + valid mask, plus per token its image
-        index within the sample and its (row, col) on that image's merged grid, and the grids per sample."""
-        is_image = (input_ids == self.config.image_token_id) & attention_mask.bool()
-        counts = is_image.sum(-1)
-        width = int(counts.max()) if counts.numel() else 0
-        order = torch.sort((~is_image).to(torch.int8), dim=-1, stable=True).indices[:, :width]
-        valid = torch.arange(width, device=input_ids.device)[None] < counts[:, None]
-        meta = {"image": torch.full_like(order, -1), "row": torch.zeros_like(order), "col": torch.zeros_like(order)}
-        grids = [[] for _ in range(input_ids.shape[0])]
-        if image_grid_thw is not None and width:
-            merge = self.config.vision_config.spatial_merge_size
-            image_iter = iter(image_grid_thw.tolist())
-            for row in range(input_ids.shape[0]):  # loop over samples and images, not tokens
-                offset, local = 0, 0
-                while offset < int(counts[row]):
-                    t, h, w = next(image_iter)
-                    gh, gw = h // merge, w // merge
-                    n = t * gh * gw
-                    index = torch.arange(n, device=input_ids.device) % (gh * gw)
-                    meta["image"][row, offset : offset + n] = local
-                    meta["row"][row, offset : offset + n] = index // gw
-                    meta["col"][row, offset : offset + n] = index % gw
-                    grids[row].append((gh, gw))
-                    offset, local = offset + n, local + 1
-        return order, valid, meta, grids
-
-    def _dense_windows(self, indices, valid, meta, grids):
-        """Per sample: `(image, row0, row1, col0, col1)` of the densest W x W window over the images, or None."""
-        windows = []
-        for row in range(indices.shape[0]):
-            chosen = indices[row][valid[row]]
-            if chosen.numel() == 0 or not grids[row]:
-                windows.append(None)
-                continue
-            best = None
-            for image, (gh, gw) in enumerate(grids[row]):
-                on_image = chosen[meta["image"][row, chosen] == image]
-                if on_image.numel() == 0:
-                    continue
-                grid = torch.zeros(gh, gw, dtype=torch.long, device=indices.device)
-                grid[meta["row"][row, on_image], meta["col"][row, on_image]] = 1
-                r0, r1, c0, c1, count = find_dense_window(grid, self.config.window_size)
-                if best is None or count > best[1]:  # first maximum wins across images
-                    best = ((image, r0, r1, c0, c1), count)
-            windows.append(best[0] if best else None)
-        return windows
-
-    def _recon_targets(self, windows, grids, crop_images, dtype):
-        """Encode the crops of the dense windows (no grad); returns (n, hidden) pooled features and their keys."""
+    def _recon_targets(self, requests, grids, crop_images, dtype):
+        """u_ref: the crops of the dense windows (`requests`: `(sample, (image, row0, row1, col0, col1))`),
+        re-encoded without grad and mean-pooled, layer-normalised with `recon_normalize_target`: `(n, hidden)`."""
         cfg, vision = self.config, self.config.vision_config
         size = (cfg.crop_resolution, cfg.crop_resolution)
-        crops, keys = [], []
-        for key, (row, window) in windows:
-            image, r0, r1, c0, c1 = window
+        crops = []
+        for row, (image, r0, r1, c0, c1) in requests:
             if row >= len(crop_images) or image >= len(crop_images[row]):
                 raise ValueError(f"crop_images[{row}] has no image {image}: pass every image of every sample.")
             original = crop_images[row][image]
             box = window_to_pixel_box((r0, r1), (c0, c1), grids[row][image], tuple(original.shape[-2:]))
             crops.append(crop_and_resize(original, box, size))
-            keys.append(key)
-        if not crops:
-            return None, []
         pixel_values, grid_thw = patchify_images(
             torch.stack(crops).to(self.device), vision.patch_size, vision.temporal_patch_size,
             vision.spatial_merge_size, cfg.image_mean, cfg.image_std,
@@ -709,12 +729,74 @@ class VedasMixin:
         pooled = torch.stack([f.mean(0) for f in features.pooler_output]).float()
         if cfg.recon_normalize_target:  # a fixed scale while the vision tower (and so u_ref) keeps moving
             pooled = nn.functional.layer_norm(pooled, pooled.shape[-1:])
-        return pooled.to(dtype), keys
+        return pooled.to(dtype)
 
-    def _latent_forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, labels,
+    def _recon_loss(self, run: _LatentRun, crop_images, dtype) -> torch.Tensor | None:
+        """Eq. 8 in the release's mean form: L_recon = mean over the (step, sample) pairs with a crop window and
+        over the hidden dimension of (token_sr(mean B(t)) - u_ref)^2 (docs/design.md, section 7)."""
+        if not run.recon:
+            return None
+        targets = self._recon_targets([(row, window) for row, window, _ in run.recon], run.visual.grids,
+                                      crop_images, dtype)
+        predictions = self.token_sr(torch.stack([mean_replay for _, _, mean_replay in run.recon]))
+        return nn.functional.mse_loss(predictions.float(), targets.float())
+
+    # ----------------------------------------------------------- latent forward
+    def _latent_forward(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, labels, *,
                         crop_images=None, num_replay_tokens=None, use_cache=None, past_key_values=None,
                         output_latent_trace=False, position_ids=None, return_hidden_only=False, inputs_embeds=None,
                         output_attentions=False, output_hidden_states=False):
+        """Teacher forcing over a batch in the latent layout, `input_ids` `(batch, l)` (docs/design.md, section 3).
+
+        Pass 0 runs X and `<|start_latent|>`; pass t (1 <= t < T) the R replay slots and z(t) of step t; pass T the
+        rest. After pass t - 1, latent step t writes (see `_latent_step`)
+
+            z(t) = h_L(last position)                        (Coconut: the last hidden state, post-norm)
+            a(t) = mean over layers and heads of softmax(q_last · K^T / sqrt(d)) over the visual tokens
+            B(t) = softmax(a(t)[S]) ⊙ V[S],  S = top-K unvisited visual tokens of a(t)
+
+        into columns z(t) and B(t). With a `VedasCache` each pass runs only its new columns; without one (no cache,
+        `routing="global"`, gradient checkpointing) each pass recomputes the prefix, with the same numbers.
+        The loss is L = CE + λ · L_recon (`_recon_loss`). Returns a `VedasCausalLMOutput` with logits
+        `(batch, l, vocab)`, or, with `return_hidden_only` (generate: the passes stop at z(T)), a `LatentPhase`.
+        """
+        run = self._latent_run(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, labels,
+                               crop_images=crop_images, num_replay_tokens=num_replay_tokens, use_cache=use_cache,
+                               past_key_values=past_key_values, position_ids=position_ids, inputs_embeds=inputs_embeds,
+                               generating=return_hidden_only, output_latent_trace=output_latent_trace)
+        layout = run.layout
+        record = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
+        # pass 0 ends at <|start_latent|>, pass t at z(t); the last pass runs to the end (generate: to z(T))
+        last = layout.latent_column(layout.num_steps) + 1 if return_hidden_only else input_ids.shape[1]
+        ends = [layout.start + 1] + [layout.latent_column(t) + 1 for t in range(1, layout.num_steps)] + [last]
+        begin, hidden_chunks, router_stats, recorded = 0, [], {}, []
+        for step, end in enumerate(ends):
+            latent_pass = self._latent_pass(run, begin=begin, end=end, step=step, **record)
+            hidden_chunks.append(latent_pass.hidden)
+            if latent_pass.recorded:
+                recorded.append(latent_pass.recorded)
+            if run.cache is not None:  # each pass saw new tokens; without a cache the last pass covers them all
+                _accumulate_router_stats(total=router_stats, new=latent_pass.state.router_stats, passes_before=step)
+            else:
+                router_stats = latent_pass.state.router_stats
+            begin = end
+            if step < layout.num_steps:
+                run.trace.append(self._latent_step(run, t=step + 1, last_hidden=latent_pass.hidden[:, -1],
+                                                   state=latent_pass.state))
+        hidden = torch.cat(hidden_chunks, dim=1) if run.cache is not None else hidden_chunks[-1]
+        if return_hidden_only:
+            return LatentPhase(last_hidden_state=hidden_chunks[-1], cache=run.cache, position_ids=run.positions,
+                               attention_mask=run.mask, latent_trace=run.trace)
+        return self._latent_output(run, hidden=hidden, labels=labels, crop_images=crop_images,
+                                   router_stats=router_stats, recorded=recorded,
+                                   output_latent_trace=output_latent_trace)
+
+    def _latent_run(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, labels, *,
+                    crop_images, num_replay_tokens, use_cache, past_key_values, position_ids, inputs_embeds,
+                    generating, output_latent_trace) -> _LatentRun:
+        """Checks a latent batch and prepares what its passes share: layout, embeddings `(batch, l, hidden)`,
+        M-RoPE positions `(3, batch, l)`, the visual tokens, the routing prompt and whether a cache carries the
+        passes."""
         cfg = self.config
         if position_ids is not None:
             raise ValueError("Positions of a latent batch follow from its layout; do not pass position_ids.")
@@ -726,157 +808,159 @@ class VedasMixin:
         num_replay = cfg.num_replay_tokens if num_replay_tokens is None else num_replay_tokens
         if num_replay < 0:
             raise ValueError(f"num_replay_tokens must be >= 0, got {num_replay}.")
-        slots = self._replay_slots(num_replay)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        layout = self._parse_latent_layout(input_ids, attention_mask, slots)
-        batch, length = input_ids.shape
-
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.clone()
+        layout = self._parse_latent_layout(input_ids, num_replay=num_replay)
         embeds = self._embed(input_ids, pixel_values, image_grid_thw, inputs_embeds=inputs_embeds)
-        positions = self._latent_position_ids(input_ids, attention_mask, mm_token_type_ids, image_grid_thw)
-        mask = attention_mask.clone()
-        vis_columns, vis_valid, vis_meta, grids = self._visual_tokens(input_ids, attention_mask, image_grid_thw)
-        replay_on = slots > 0 and vis_columns.shape[1] > 0
-        if slots > 0 and not replay_on:
+        visual = visual_tokens(is_image=(input_ids == cfg.image_token_id) & mask.bool(),
+                               image_grid_thw=image_grid_thw, merge_size=cfg.vision_config.spatial_merge_size)
+        self._warn_replay_shortage(visual=visual, num_replay=num_replay, slots=layout.slots, layout=layout)
+        # labels too: a row without a latent block (stage 0 in a mixed batch) ends its prompt where supervision starts
+        prompt_mask = self._prompt_mask(input_ids, labels, mask.bool())
+        # Such a row's prompt may run past the first pass, whose top-α would then see only part of it: recompute
+        # the prefix at every pass instead, so that the last pass routes that row over its whole prompt (the same
+        # rule as `generate`'s, which hands the cache to the answer loop and so never recomputes).
+        prompt_past_first_pass = bool(prompt_mask[:, layout.start + 1 :].any()) and not generating
+        checkpointing = self.model.language_model.gradient_checkpointing and self.training  # it drops layer caches
+        cached = use_cache is not False and not (checkpointing or self._global_routing or prompt_past_first_pass)
+        replay_on = layout.slots > 0 and visual.columns.shape[1] > 0
+        return _LatentRun(
+            layout=layout, num_replay=num_replay, embeds=embeds, mask=mask, visual=visual,
+            positions=self._latent_position_ids(input_ids, mask, mm_token_type_ids, image_grid_thw),
+            visited=torch.zeros_like(visual.valid), prompt_mask=prompt_mask, prompt_lengths=prompt_mask.sum(-1),
+            cache=(past_key_values or VedasCache(config=cfg.text_config)) if cached else None, replay_on=replay_on,
+            compute_recon=(self.training and crop_images is not None and cfg.recon_weight > 0 and replay_on
+                           and layout.num_steps > 0),
+            output_latent_trace=output_latent_trace,
+        )
+
+    def _warn_replay_shortage(self, visual, num_replay: int, slots: int, layout: _LatentLayout):
+        """Warn once when the batch has no image (no replay), or when K x T exceeds some sample's visual tokens."""
+        if slots > 0 and visual.columns.shape[1] == 0:
             self._warn_once("no-image", "The batch has no image tokens: latent steps run without visual replay.")
-        vis_features = embeds.gather(1, vis_columns.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
-        vis_positions = positions.gather(2, vis_columns[None].expand(3, -1, -1))
-        visited = torch.zeros_like(vis_valid)
-        visual_counts = vis_valid.sum(-1)
-        visual_counts = visual_counts[visual_counts > 0]  # samples without an image replay nothing at all
-        if replay_on and int(visual_counts.min()) < num_replay * layout.num_steps:
+            return
+        counts = visual.valid.sum(-1)
+        counts = counts[counts > 0]  # samples without an image replay nothing at all
+        if slots > 0 and int(counts.min()) < num_replay * layout.num_steps:
             self._warn_once(
                 "few-visual",
                 f"K x T = {num_replay} x {layout.num_steps} exceeds the visual tokens of some sample "
-                f"({int(visual_counts.min())}): the last steps replay what remains.",
+                f"({int(counts.min())}): the last steps replay what remains.",
             )
 
-        # A KV cache carries the passes; without one (use_cache=False, or gradient checkpointing, which drops
-        # caches inside layers) every pass recomputes the prefix. Both give the same numbers.
-        # labels too: a row without a latent block (stage 0 in a mixed batch) ends its prompt where supervision starts
-        prompt_mask = self._prompt_mask(input_ids, labels, mask.bool())
-        prompt_lengths = prompt_mask.sum(-1)
-        checkpointing = self.model.language_model.gradient_checkpointing and self.training
-        # Such a row's prompt may run past the first pass, whose top-α would then see only part of it: recompute
-        # the prefix at every pass instead, so that the last pass routes that row over its whole prompt.
-        prompt_past_first_pass = bool(prompt_mask[:, layout.start + 1 :].any()) and not return_hidden_only
-        # (the same rule as `generate`'s: it hands the cache to the answer loop, which must find it filled)
-        cached = use_cache is not False and not (checkpointing or self._global_routing or prompt_past_first_pass)
-        cache = (past_key_values or VedasCache(config=cfg.text_config)) if cached else None
-        compute_recon = (
-            self.training and crop_images is not None and cfg.recon_weight > 0 and replay_on and layout.num_steps > 0
+    def _latent_pass(self, run: _LatentRun, *, begin: int, end: int, step: int, output_attentions: bool,
+                     output_hidden_states: bool) -> _LatentPass:
+        """One pass of the text model over columns `[begin, end)` (`[0, end)` without a cache), saliency captured
+        when a latent step follows."""
+        chunk = slice(begin if run.cache is not None else 0, end)
+        state = self._routing_state(
+            run.mask[:, chunk].bool(), run.prompt_mask[:, chunk], key_valid=run.mask[:, :end].bool(),
+            record_scores=run.output_latent_trace, prompt_lengths=run.prompt_lengths,
         )
-        trace, recon_requests, recon_preds = [], [], []
-        # pass 0 ends at <|start_latent|>, pass t at z(t); the last pass runs to the end of the batch (or, for
-        # generate, to z(T): the answer phase starts from <|end_latent|>)
-        last = layout.latent_column(layout.num_steps) + 1 if return_hidden_only else length
-        ends = [layout.start + 1] + [layout.latent_column(t) + 1 for t in range(1, layout.num_steps)] + [last]
-        begin, hidden_chunks, router_stats, recorded = 0, [], {}, []
-        for step, end in enumerate(ends):
-            chunk = slice(begin if cached else 0, end)
-            capture = replay_on and step < layout.num_steps
-            state = self._routing_state(
-                mask[:, chunk].bool(), prompt_mask[:, chunk], key_valid=mask[:, :end].bool(),
-                record_scores=output_latent_trace, prompt_lengths=prompt_lengths,
-            )
-            if capture:
-                state.saliency_columns, state.saliency_valid = vis_columns, vis_valid
-            record = cached or step == layout.num_steps  # without a cache the last pass covers the whole sequence
-            outputs = self.model.language_model(
-                inputs_embeds=embeds[:, chunk], attention_mask=mask[:, :end], position_ids=positions[:, :, chunk],
-                use_cache=cached, vedas_state=state, **{CACHE_ARG: cache},
-                output_attentions=output_attentions and record, output_hidden_states=output_hidden_states and record,
-            )
-            hidden = outputs.last_hidden_state
-            hidden_chunks.append(hidden)
-            if record and (output_attentions or output_hidden_states):
-                recorded.append((outputs.get("hidden_states"), _main_pass_attentions(outputs.get("attentions"), state)))
-            if cached:  # each pass saw new tokens; without a cache the last pass covers the whole sequence
-                _accumulate_router_stats(router_stats, state.router_stats, step)
-            else:
-                router_stats = state.router_stats
-            begin = end
-            if step == layout.num_steps:
-                break
-            # ---- latent step t = step + 1: z(t) from the last position, B(t) from its attention
-            t = step + 1
-            rows = layout.steps >= t  # rows that have this step
-            fill = torch.zeros(batch, length, dtype=torch.bool, device=input_ids.device)
-            fill[:, layout.latent_column(t)] = rows
-            new_embeds = torch.zeros_like(embeds)
-            new_embeds[:, layout.latent_column(t)] = hidden[:, -1]
-            step_trace = {"router_scores": state.router_scores}
-            if replay_on:
-                saliency = state.saliency_sum / max(state.saliency_layers, 1)
-                selection = select_replay(
-                    saliency, vis_valid, visited, num_replay, rescale=cfg.replay_scale == "rescaled"
-                )
-                visited = torch.where(rows[:, None], selection.visited, visited)
-                weights = selection.weights.to(embeds.dtype)
-                chosen = vis_features.gather(1, selection.indices.unsqueeze(-1).expand(-1, -1, embeds.shape[-1]))
-                replay = chosen * weights.unsqueeze(-1)  # B(t): (batch, K, hidden)
-                chosen_pos = vis_positions.gather(2, selection.indices[None].expand(3, -1, -1))
-                slot_valid = selection.valid
-                if cfg.replay_mode == "soft_mix":
-                    replay = replay.sum(1, keepdim=True)
-                    chosen_pos = chosen_pos[:, :, :1]  # the most salient token's position
-                    slot_valid = selection.valid.any(-1, keepdim=True)
-                columns = list(layout.replay_columns(t))
-                fill[:, columns] = rows[:, None]
-                new_embeds[:, columns] = replay
-                if cfg.replay_positions == "original":
-                    positions[:, :, columns] = torch.where(rows[None, :, None], chosen_pos, positions[:, :, columns])
-                mask[:, columns] = torch.where(rows[:, None], slot_valid.to(mask.dtype), mask[:, columns])
-                if compute_recon or output_latent_trace:
-                    windows = self._dense_windows(selection.indices, selection.valid & rows[:, None], vis_meta, grids)
-                    step_trace.update(
-                        replay_indices=selection.indices.masked_fill(~selection.valid, -1),
-                        replay_weights=selection.weights.detach(),
-                        saliency=saliency.detach(),
-                        crop_window=windows,
-                    )
-                    if compute_recon:
-                        valid_count = selection.valid.sum(-1, keepdim=True).clamp(min=1)
-                        mean_replay = (replay.sum(1) / (1 if cfg.replay_mode == "soft_mix" else valid_count))
-                        for row, window in enumerate(windows):
-                            if window is not None:
-                                recon_requests.append(((t, row), (row, window)))
-                                recon_preds.append(mean_replay[row])
-            elif slots > 0:
-                # No image in the whole batch: the slots are masked out, like the unused slots of a sample whose
-                # visual tokens ran out (or that has none, in a batch with images), so that a prompt without an
-                # image computes the same alone as in any batch.
-                columns = list(layout.replay_columns(t))
-                mask[:, columns] = torch.where(rows[:, None], 0, mask[:, columns])
-                if output_latent_trace:  # the same trace fields as with images: nothing selected
-                    step_trace.update(
-                        replay_indices=torch.full((batch, num_replay), -1, dtype=torch.long, device=input_ids.device),
-                        replay_weights=torch.zeros(batch, num_replay, device=input_ids.device),
-                        saliency=torch.zeros(batch, 0, device=input_ids.device),
-                        crop_window=[None] * batch,
-                    )
-            embeds = torch.where(fill.unsqueeze(-1), new_embeds, embeds)
-            trace.append(step_trace)
+        if run.replay_on and step < run.layout.num_steps:
+            state.saliency_columns, state.saliency_valid = run.visual.columns, run.visual.valid
+        record = run.cache is not None or step == run.layout.num_steps  # without a cache the last pass has it all
+        outputs = self.model.language_model(
+            inputs_embeds=run.embeds[:, chunk], attention_mask=run.mask[:, :end],
+            position_ids=run.positions[:, :, chunk], use_cache=run.cache is not None, vedas_state=state,
+            output_attentions=output_attentions and record, output_hidden_states=output_hidden_states and record,
+            **{CACHE_ARG: run.cache},
+        )
+        recorded = None
+        if record and (output_attentions or output_hidden_states):
+            recorded = (outputs.get("hidden_states"), _main_pass_attentions(outputs.get("attentions"), state))
+        return _LatentPass(hidden=outputs.last_hidden_state, state=state, recorded=recorded)
 
-        if return_hidden_only:
-            return hidden, cache, positions, mask, trace
+    def _latent_step(self, run: _LatentRun, t: int, last_hidden, state) -> dict:
+        """Latent step t: writes z(t) = `last_hidden` `(batch, hidden)` into its column and B(t) into its R replay
+        slots (positions and attention mask too), for the rows that have step t. Returns the step's trace."""
+        layout, batch, length = run.layout, *run.mask.shape
+        rows = layout.steps >= t  # rows that have this step
+        fill = torch.zeros(batch, length, dtype=torch.bool, device=run.mask.device)
+        fill[:, layout.latent_column(t)] = rows
+        new_embeds = torch.zeros_like(run.embeds)
+        new_embeds[:, layout.latent_column(t)] = last_hidden
+        trace = {"router_scores": state.router_scores}
+        columns = list(layout.replay_columns(t))
+        if run.replay_on:
+            replay = self._replay_tokens(run, rows=rows, state=state)
+            fill[:, columns] = rows[:, None]
+            new_embeds[:, columns] = replay.tokens
+            if self.config.replay_positions == "original":
+                run.positions[:, :, columns] = torch.where(rows[None, :, None], replay.positions,
+                                                           run.positions[:, :, columns])
+            slot_valid = replay.slot_valid.to(run.mask.dtype)
+            run.mask[:, columns] = torch.where(rows[:, None], slot_valid, run.mask[:, columns])
+            if run.compute_recon or run.output_latent_trace:
+                trace.update(self._replay_trace(run, replay=replay, rows=rows))
+        elif layout.slots > 0:
+            # No image in the whole batch: the slots are masked out, like the unused slots of a sample whose
+            # visual tokens ran out (or that has none, in a batch with images), so that a prompt without an
+            # image computes the same alone as in any batch.
+            run.mask[:, columns] = torch.where(rows[:, None], 0, run.mask[:, columns])
+            if run.output_latent_trace:  # the same trace fields as with images: nothing selected
+                device = run.mask.device
+                trace.update(replay_indices=torch.full((batch, run.num_replay), -1, dtype=torch.long, device=device),
+                             replay_weights=torch.zeros(batch, run.num_replay, device=device),
+                             saliency=torch.zeros(batch, 0, device=device), crop_window=[None] * batch)
+        run.embeds = torch.where(fill.unsqueeze(-1), new_embeds, run.embeds)
+        return trace
 
-        if cached:  # every column was computed exactly once, by the pass that covered it
-            hidden = torch.cat(hidden_chunks, dim=1)
+    def _replay_tokens(self, run: _LatentRun, rows, state) -> _Replay:
+        """B(t) from the pass's saliency: the top-K unvisited visual tokens weighted by softmax(a[S]) (`select_replay`),
+        summed into one token with `replay_mode="soft_mix"`; marks them visited for the rows that have this step."""
+        cfg = self.config
+        saliency = state.saliency_sum / max(state.saliency_layers, 1)
+        selection = select_replay(saliency, run.visual.valid, run.visited, run.num_replay,
+                                  rescale=cfg.replay_scale == "rescaled")
+        run.visited = torch.where(rows[:, None], selection.visited, run.visited)
+        hidden = run.embeds.shape[-1]
+        features = run.embeds.gather(1, run.visual.columns.unsqueeze(-1).expand(-1, -1, hidden))  # V: merger outputs
+        chosen = features.gather(1, selection.indices.unsqueeze(-1).expand(-1, -1, hidden))
+        tokens = chosen * selection.weights.to(run.embeds.dtype).unsqueeze(-1)  # B(t): (batch, K, hidden)
+        visual_positions = run.positions.gather(2, run.visual.columns[None].expand(3, -1, -1))
+        positions = visual_positions.gather(2, selection.indices[None].expand(3, -1, -1))
+        slot_valid = selection.valid
+        if cfg.replay_mode == "soft_mix":
+            tokens = tokens.sum(1, keepdim=True)
+            positions = positions[:, :, :1]  # the most salient token's position
+            slot_valid = selection.valid.any(-1, keepdim=True)
+        return _Replay(tokens=tokens, positions=positions, slot_valid=slot_valid, selection=selection,
+                       saliency=saliency)
+
+    def _replay_trace(self, run: _LatentRun, replay: _Replay, rows) -> dict:
+        """The step's trace fields (replayed indices and weights, saliency, crop window) and, when L_recon is on,
+        its `(sample, window, mean B(t))` entries in `run.recon`."""
+        selection = replay.selection
+        windows = dense_windows(selection.indices, selection.valid & rows[:, None], run.visual,
+                                self.config.window_size)
+        if run.compute_recon:
+            valid_count = selection.valid.sum(-1, keepdim=True).clamp(min=1)
+            mean_replay = replay.tokens.sum(1) / (1 if self.config.replay_mode == "soft_mix" else valid_count)
+            run.recon.extend((row, window, mean_replay[row]) for row, window in enumerate(windows) if window)
+        return {
+            "replay_indices": selection.indices.masked_fill(~selection.valid, -1),
+            "replay_weights": selection.weights.detach(),
+            "saliency": replay.saliency.detach(),
+            "crop_window": windows,
+        }
+
+    def _latent_output(self, run: _LatentRun, *, hidden, labels, crop_images, router_stats, recorded,
+                       output_latent_trace) -> VedasCausalLMOutput:
+        """Logits `(batch, l, vocab)` from the joined passes, L = CE + λ · L_recon, and the recorded states."""
+        cfg = self.config
         logits = self.lm_head(hidden)
         ce_loss = recon_loss = loss = None
         if labels is not None:
             ce_loss = self.loss_function(logits=logits, labels=labels, vocab_size=cfg.text_config.vocab_size)
             loss = ce_loss
-        if compute_recon and recon_requests:
-            targets, _ = self._recon_targets(recon_requests, grids, crop_images, hidden.dtype)
-            predictions = self.token_sr(torch.stack(recon_preds))
-            recon_loss = nn.functional.mse_loss(predictions.float(), targets.float())
+        if run.compute_recon:
+            recon_loss = self._recon_loss(run, crop_images=crop_images, dtype=hidden.dtype)
+        if recon_loss is not None:
             loss = recon_loss * cfg.recon_weight if loss is None else loss + cfg.recon_weight * recon_loss
-        hidden_states, attentions = _join_passes(recorded, length)
+        hidden_states, attentions = _join_passes(recorded, hidden.shape[1])
         return VedasCausalLMOutput(
-            loss=loss, ce_loss=ce_loss, recon_loss=recon_loss, logits=logits, past_key_values=cache,
-            latent_trace=trace if output_latent_trace else None, router_stats=router_stats,
+            loss=loss, ce_loss=ce_loss, recon_loss=recon_loss, logits=logits, past_key_values=run.cache,
+            latent_trace=run.trace if output_latent_trace else None, router_stats=router_stats,
             hidden_states=hidden_states, attentions=attentions,
         )
 
@@ -906,15 +990,15 @@ class VedasMixin:
         layout (without `<|end_latent|>`)."""
         cfg = self.config
         steps = _per_call("num_latent_steps", num_latent_steps, cfg, MAX_LATENT_STEPS)
-        slots = self._replay_slots(_per_call("num_replay_tokens", num_replay_tokens, cfg, MAX_REPLAY_TOKENS))
+        num_replay = _per_call("num_replay_tokens", num_replay_tokens, cfg, MAX_REPLAY_TOKENS)
         if attention_mask is not None and not bool(attention_mask[:, -1].all()):
             raise ValueError(
                 "Latent generation needs left-padded prompts (the last column is padding for some rows): set "
                 "processor.tokenizer.padding_side = 'left'."
             )
         ends_with_start = bool((input_ids[:, -1] == cfg.start_latent_token_id).all())
-        block = [] if ends_with_start else [cfg.start_latent_token_id]
-        block += ([cfg.replay_token_id] * slots + [cfg.latent_token_id]) * steps
+        block = cfg.latent_block_ids(num_steps=steps, num_replay_tokens=num_replay, start=not ends_with_start,
+                                     end=False)
         extra = torch.tensor(block, dtype=input_ids.dtype, device=input_ids.device)[None].expand(input_ids.shape[0], -1)
         input_ids = torch.cat([input_ids, extra], dim=1)
         if attention_mask is None:
@@ -1093,10 +1177,13 @@ class VedasMixin:
         if steps == 0:
             if use_cache and kwargs.get("past_key_values") is None:
                 kwargs["past_key_values"] = VedasCache(config=cfg.text_config)
-            elif not use_cache:  # each step recomputes the sequence: the generated tokens must not join the prompt
-                kwargs.setdefault("routing_prompt_length", input_ids.shape[1])
-            return self._hf_generate(input_ids=input_ids, attention_mask=attention_mask,
-                                     mm_token_type_ids=mm_token_type_ids, use_cache=use_cache, **kwargs)
+            # each step without a cache recomputes the sequence: the generated tokens must not join the prompt
+            self._routing_prompt_length = None if use_cache else input_ids.shape[1]
+            try:
+                return self._hf_generate(input_ids=input_ids, attention_mask=attention_mask,
+                                         mm_token_type_ids=mm_token_type_ids, use_cache=use_cache, **kwargs)
+            finally:
+                self._routing_prompt_length = None
         if None in (cfg.start_latent_token_id, cfg.latent_token_id, cfg.end_latent_token_id, cfg.replay_token_id):
             raise ValueError("This checkpoint has no latent special tokens; convert it with examples/convert_base.py.")
         if prefilled is None:
@@ -1130,19 +1217,22 @@ class VedasMixin:
             if wants_trace:
                 # the HF loop keeps no per-forward outputs; the latent steps are the same in every recomputation
                 # (they never see the answer), so one more latent forward gives the trace the cached path returns
-                trace = self._latent_forward(full_ids, full_mask, pixel_values, image_grid_thw, types, None,
-                                             use_cache=False, output_latent_trace=True, **latent_args)[4]
+                trace = self._latent_forward(
+                    full_ids, full_mask, pixel_values, image_grid_thw, types, None, use_cache=False,
+                    output_latent_trace=True, **latent_args,
+                ).latent_trace
         else:
-            _, cache, positions, mask, trace = self._latent_forward(
+            phase = self._latent_forward(
                 full_ids, full_mask, pixel_values, image_grid_thw, types, None, use_cache=True,
                 past_key_values=cache, output_latent_trace=wants_trace, **latent_args,
             )
+            trace, positions, mask = phase.latent_trace, phase.position_ids, phase.attention_mask
             # the answer continues the text position counter after the last latent; keep rope_deltas consistent
             self.model.rope_deltas = positions[0, :, -1:] - mask.sum(-1, keepdim=True) + 1
             # the images are in the cache; the HF loop expands the cache for beams (_expand_inputs_for_generation)
             kwargs.update(pixel_values=None, image_grid_thw=None)
             outputs = self._hf_generate(input_ids=full_ids, attention_mask=mask, position_ids=positions,
-                                        past_key_values=cache, use_cache=True, **kwargs)
+                                        past_key_values=phase.cache, use_cache=True, **kwargs)
         if isinstance(outputs, torch.Tensor):
             return self.compact_latent_sequences(outputs)
         fields = {key: value for key, value in outputs.items() if key in VedasGenerateOutput.__dataclass_fields__}

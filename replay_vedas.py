@@ -20,6 +20,8 @@ Contents:
 
 - `select_replay`: top-K selection of unvisited visual tokens and their softmax weights.
 - `find_dense_window`: the W x W window of a merged grid holding most selected cells.
+- `visual_tokens`, `dense_windows`: where each sample's visual tokens sit (column, image, merged cell), and the
+  densest window of a step's selection over a sample's images.
 - `window_to_pixel_box`: merged-grid window -> pixel box of the original image.
 - `crop_and_resize`: crop the original image and resize it bilinearly.
 - `patchify_images`: the Qwen2-VL image processor's `pixel_values` / `image_grid_thw`, in torch.
@@ -32,7 +34,7 @@ grid_w // merge_size)`. Visual token `i` of an image therefore sits at merged ce
 """
 
 from dataclasses import dataclass
-from typing import Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,9 @@ __all__ = [
     "ReplaySelection",
     "select_replay",
     "find_dense_window",
+    "VisualTokens",
+    "visual_tokens",
+    "dense_windows",
     "window_to_pixel_box",
     "crop_and_resize",
     "patchify_images",
@@ -154,7 +159,7 @@ def select_replay(
     return ReplaySelection(indices=indices, weights=weights, valid=valid, visited=new_visited)
 
 
-def find_dense_window(selected_grid: torch.Tensor, window: int) -> Tuple[int, int, int, int, Union[int, float]]:
+def find_dense_window(selected_grid: torch.Tensor, window: int) -> Tuple[int, int, int, int, int]:
     """
     Finds the `window x window` window of a merged grid that contains the most selected cells.
 
@@ -164,8 +169,7 @@ def find_dense_window(selected_grid: torch.Tensor, window: int) -> Tuple[int, in
 
     Args:
         selected_grid (`torch.Tensor` of shape `(G_h, G_w)`):
-            Bool (selected or not) or integer counts per merged cell of one image. Float weights also work;
-            the count is then a float.
+            Bool (selected or not) or integer counts per merged cell of one image.
         window (`int`):
             Window side `W >= 1`, in merged cells.
 
@@ -181,8 +185,9 @@ def find_dense_window(selected_grid: torch.Tensor, window: int) -> Tuple[int, in
     if grid_h == 0 or grid_w == 0:
         raise ValueError("selected_grid is empty")
 
-    is_float = selected_grid.is_floating_point()
-    grid = selected_grid.to(torch.float64 if is_float else torch.long)
+    if selected_grid.is_floating_point():
+        raise ValueError(f"selected_grid must be bool or integer counts, got {selected_grid.dtype}")
+    grid = selected_grid.long()
     win_h, win_w = min(window, grid_h), min(window, grid_w)
 
     # integral[i, j] = sum of grid[:i, :j]; a leading zero row/column avoids special cases at the border.
@@ -199,6 +204,80 @@ def find_dense_window(selected_grid: torch.Tensor, window: int) -> Tuple[int, in
     row0, col0 = divmod(flat, sums.shape[1])
     count = sums.reshape(-1)[flat].item()
     return row0, row0 + win_h, col0, col0 + win_w, count
+
+
+
+@dataclass
+class VisualTokens:
+    """
+    Where each sample's visual tokens sit, from `visual_tokens`. `v` is the largest visual-token count of a sample.
+
+    Args:
+        columns (`torch.LongTensor` of shape `(batch_size, v)`): sequence column of each visual token, in order.
+        valid (`torch.BoolTensor` of shape `(batch_size, v)`): real tokens (False past the sample's count).
+        image, row, col (`torch.LongTensor` of shape `(batch_size, v)`): the token's image within its sample
+            (-1 on padding) and its merged cell `(row, col)` on that image's grid.
+        grids (`list[list[tuple[int, int]]]`): per sample, the merged grid `(G_h, G_w)` of each of its images.
+    """
+
+    columns: torch.LongTensor
+    valid: torch.BoolTensor
+    image: torch.LongTensor
+    row: torch.LongTensor
+    col: torch.LongTensor
+    grids: List[List[Tuple[int, int]]]
+
+
+def visual_tokens(is_image: torch.Tensor, image_grid_thw: Optional[torch.Tensor], merge_size: int) -> VisualTokens:
+    """
+    The visual tokens of each sample: `is_image` `(batch_size, l)` marks them (image slots that are not padding),
+    `image_grid_thw` `(num_images, 3)` gives the patch grid of every image of the batch in order, `merge_size` the
+    merger's side. Token i of an image with merged grid `(G_h, G_w)` sits at cell `divmod(i mod G_h G_w, G_w)`.
+    """
+    counts = is_image.sum(-1)
+    width = int(counts.max()) if counts.numel() else 0
+    order = torch.sort((~is_image).to(torch.int8), dim=-1, stable=True).indices[:, :width]
+    valid = torch.arange(width, device=is_image.device)[None] < counts[:, None]
+    image, row, col = torch.full_like(order, -1), torch.zeros_like(order), torch.zeros_like(order)
+    grids = [[] for _ in range(is_image.shape[0])]
+    if image_grid_thw is not None and width:
+        image_iter = iter(image_grid_thw.tolist())
+        for sample in range(is_image.shape[0]):  # loop over samples and images, not tokens
+            offset, local = 0, 0
+            while offset < int(counts[sample]):
+                t, h, w = next(image_iter)
+                gh, gw = h // merge_size, w // merge_size
+                n = t * gh * gw
+                index = torch.arange(n, device=is_image.device) % (gh * gw)
+                image[sample, offset : offset + n] = local
+                row[sample, offset : offset + n] = index // gw
+                col[sample, offset : offset + n] = index % gw
+                grids[sample].append((gh, gw))
+                offset, local = offset + n, local + 1
+    return VisualTokens(columns=order, valid=valid, image=image, row=row, col=col, grids=grids)
+
+
+def dense_windows(indices: torch.Tensor, valid: torch.Tensor, visual: VisualTokens, window: int) -> list:
+    """
+    Per sample, `(image, row0, row1, col0, col1)` of the densest `window x window` window of its selected visual
+    tokens (`indices` `(batch_size, k)` into `visual`'s tokens, `valid` `(batch_size, k)`), or None when nothing
+    was selected. Across a sample's images the first image with the highest count wins.
+    """
+    windows = []
+    for sample in range(indices.shape[0]):
+        chosen = indices[sample][valid[sample]]
+        best = None
+        for image, (gh, gw) in enumerate(visual.grids[sample] if chosen.numel() else []):
+            on_image = chosen[visual.image[sample, chosen] == image]
+            if on_image.numel() == 0:
+                continue
+            grid = torch.zeros(gh, gw, dtype=torch.long, device=indices.device)
+            grid[visual.row[sample, on_image], visual.col[sample, on_image]] = 1
+            r0, r1, c0, c1, count = find_dense_window(grid, window)
+            if best is None or count > best[1]:  # first maximum wins across images
+                best = ((image, r0, r1, c0, c1), count)
+        windows.append(best[0] if best else None)
+    return windows
 
 
 def window_to_pixel_box(
@@ -232,15 +311,12 @@ def window_to_pixel_box(
     if not (row0 < row1 and col0 < col1):
         raise ValueError(f"empty window rows {window_rows} cols {window_cols}")
 
-    def floor_div(a: int, b: int) -> int:
-        return a // b
-
     def ceil_div(a: int, b: int) -> int:
         return -((-a) // b)
 
-    top = min(max(floor_div(row0 * height, grid_h), 0), height)
+    top = min(max(row0 * height // grid_h, 0), height)
     bottom = min(max(ceil_div(row1 * height, grid_h), 0), height)
-    left = min(max(floor_div(col0 * width, grid_w), 0), width)
+    left = min(max(col0 * width // grid_w, 0), width)
     right = min(max(ceil_div(col1 * width, grid_w), 0), width)
     return top, left, bottom, right
 

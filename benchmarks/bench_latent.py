@@ -78,6 +78,7 @@ _import_stack()
 from transformers import DynamicCache  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from vedas.replay_vedas import visual_tokens  # noqa: E402
 from vedas.routing_vedas import VedasCache  # noqa: E402
 from vedas_trainer.checkpoint import BACKBONES as CLASSES  # noqa: E402
 from vedas_trainer.checkpoint import convert_base, load_vedas  # noqa: E402
@@ -198,7 +199,10 @@ def saliency_memory(vedas_off, eager, base, inputs):
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     embeds = model._embed(ids, inputs["pixel_values"], inputs["image_grid_thw"])
     positions = model._latent_position_ids(ids, mask, inputs.get("mm_token_type_ids"), inputs["image_grid_thw"])
-    columns, valid, _, _ = model._visual_tokens(ids, mask, inputs["image_grid_thw"])
+    visual = visual_tokens(is_image=(ids == model.config.image_token_id) & mask.bool(),
+                           image_grid_thw=inputs["image_grid_thw"],
+                           merge_size=model.config.vision_config.spatial_merge_size)
+    columns, valid = visual.columns, visual.valid
 
     def ours(capture):
         state = model._routing_state(mask.bool(), mask.bool(), key_valid=mask.bool())

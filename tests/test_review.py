@@ -76,7 +76,8 @@ def test_literal_eq11_scales_every_token_by_one_plus_e(vedas_dirs):
     token is h ⊙ (1 + e(d)) and a selected one adds the gated update on top; `"gated"` (the default) keeps h."""
     model, _ = load_vedas(vedas_dirs["qwen2_vl"], depth_residual="literal")
     assert model.config.depth_residual == "literal"
-    assert all(layer.depth_residual == "literal" for layer in model.model.language_model.layers if layer.is_routing_layer)
+    routing_layers = [layer for layer in model.model.language_model.layers if layer.is_routing_layer]
+    assert routing_layers and all(layer.depth_residual == "literal" for layer in routing_layers)
     perturb_vedas(model)
     e = model.model.language_model.layers[0].depth_step_embed.weight[0].detach()
     hidden = torch.randn(1, 10, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))

@@ -1,6 +1,7 @@
 """The curriculum collator: unified samples -> model inputs in the latent layout of the current stage.
 
-One row of a batch (DESIGN.md 1.3, the layout `VedasForConditionalGeneration.forward` expects)::
+One row of a batch (docs/design.md, "Sequence layout"; the block's tokens are `config.latent_block_ids`, the
+layout `VedasForConditionalGeneration.forward` expects)::
 
     [pad ...] prompt  <|start_latent|> ([<|replay|>] * R + [<|latent|>]) * T_row <|end_latent|>  target <|im_end|> [pad ...]
     labels:   -100 ...................................................................  target <|im_end|>  -100 ...
@@ -133,9 +134,6 @@ class VedasCollator:
                 f"The config has no latent special-token ids ({ids}); convert the base checkpoint first "
                 f"(examples/convert_base.py)."
             )
-        self.start_id, self.latent_id = ids["start_latent"], ids["latent"]
-        self.end_id, self.replay_id = ids["end_latent"], ids["replay"]
-        self.replay_slots = config.replay_tokens_per_step
         end_of_turn = self.tokenizer.convert_tokens_to_ids(END_OF_TURN_TOKEN)
         if end_of_turn is None or end_of_turn == self.tokenizer.unk_token_id:
             end_of_turn = self.tokenizer.eos_token_id
@@ -352,9 +350,7 @@ class VedasCollator:
                 f"max_length={self.max_length}. Raise max_length or lower the processor's max_pixels."
             )
         target_text, slots = self._target_text(sample, sample_id, self.sample_stage(sample, position))
-        block = []
-        if slots:
-            block = [self.start_id] + ([self.replay_id] * self.replay_slots + [self.latent_id]) * slots + [self.end_id]
+        block = self.config.latent_block_ids(num_steps=slots) if slots else []  # the layout's one definition
         target = self.tokenizer(target_text, add_special_tokens=False)["input_ids"] + [self.end_of_turn_id]
         if self.max_length is not None:
             room = self.max_length - len(prompt_ids) - len(block)

@@ -126,8 +126,10 @@ def _answer_start(model, input_ids: torch.Tensor, steps: int) -> int:
     if steps == 0:
         return input_ids.shape[1]
     cfg = model.config
-    appended_start = 0 if bool((input_ids[:, -1] == cfg.start_latent_token_id).all()) else 1
-    return input_ids.shape[1] + appended_start + steps + 1
+    ends_with_start = bool((input_ids[:, -1] == cfg.start_latent_token_id).all())
+    # the compact block generate returns: the layout without replay slots (K = 0)
+    block = cfg.latent_block_ids(num_steps=steps, num_replay_tokens=0, start=not ends_with_start)
+    return input_ids.shape[1] + len(block)
 
 
 def generate_batch(model, processor, batch: Sequence[Mapping[str, Any]], mode: str, num_latent_steps: int,
