@@ -42,7 +42,7 @@ def run_name(seed: int, threads: int) -> str:
     return f"seed{seed}-t{threads}"
 
 
-def launch(seed: int, threads: int, runs_dir: Path, extra: list[str]) -> dict:
+def launch(seed: int, threads: int, runs_dir: Path, extra: list[str], nice: int = 0) -> dict:
     """One run of README's command (plus seed, output folder and the user's thread count); its summary."""
     out = runs_dir / run_name(seed, threads)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,7 +59,8 @@ def launch(seed: int, threads: int, runs_dir: Path, extra: list[str]) -> dict:
     sampler.start()
     print(f"[{time.strftime('%H:%M:%S')}] start {run_name(seed, threads)}: {' '.join(command)}", flush=True)
     with open(out / "train.log", "w") as log:
-        code = subprocess.call(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        code = subprocess.call(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                               preexec_fn=(lambda: os.nice(nice)) if nice else None)
     done.set()
     wall = time.time() - started
     summary = summarise(out, seed, threads, wall, loads)
@@ -171,6 +172,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="docs/reproducibility")
     parser.add_argument("--parallel", type=int, default=1, help="runs at a time (only runs with threads <= "
                                                                  "cores // parallel share the machine)")
+    parser.add_argument("--nice", type=int, default=0, help="scheduling priority change for the runs (negative: "
+                                                             "raised, needs the right to; for a machine shared with "
+                                                             "other jobs)")
     parser.add_argument("--only-table", action="store_true", help="rebuild the table and figures from the runs")
     parser.add_argument("extra", nargs="*", help="after --: more train.py options (the table is then not README's)")
     args = parser.parse_args(argv)
@@ -196,7 +200,7 @@ def main(argv=None) -> int:
                     if not shared:
                         return
                     seed, n = shared.pop(0)
-                launch(seed, n, runs_dir, args.extra)
+                launch(seed, n, runs_dir, args.extra, args.nice)
 
         for _ in range(max(args.parallel, 1)):
             thread = threading.Thread(target=worker)
@@ -205,7 +209,7 @@ def main(argv=None) -> int:
         for thread in threads:
             thread.join()
         for seed, n in alone:
-            launch(seed, n, runs_dir, args.extra)
+            launch(seed, n, runs_dir, args.extra, args.nice)
     rows = []
     for seed, n in plan:
         summary = existing(seed, n)
