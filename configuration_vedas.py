@@ -11,6 +11,7 @@ against :data:`TRANSFORMERS_RANGE` (one line: the installed and the supported ve
 """
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import transformers
@@ -87,6 +88,44 @@ DEPTH_RESIDUALS = ("gated", "literal")
 # OpenAI CLIP statistics, the Qwen2-VL image processor's defaults
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _is_int(value) -> bool:
+    """An int that is not a bool (JSON `true` would otherwise count as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value, low: int, high: int | None = None):
+    """Refuse a `value` that is not an int (bools included) in `[low, high]`, naming the field."""
+    if not _is_int(value) or value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"VedasConfig.{name} must be an integer {bounds}, got {value!r}.")
+
+
+def _edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance: insertions, deletions and substitutions."""
+    previous = list(range(len(b) + 1))
+    for i, char in enumerate(a, 1):
+        current = [i]
+        for j, other in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (char != other)))
+        previous = current
+    return previous[-1]
+
+
+def _warn_misspelt(kwargs: dict):
+    """Warn about keys that are not Vedas fields but nearly are (`num_latent_step`): the config would keep them as
+    unused attributes, and the intended field its default."""
+    fields = [name for name in VedasSettings.__dataclass_fields__ if not name.startswith("_")]
+    for key in kwargs:
+        if key in fields:
+            continue
+        distance, closest = min((_edit_distance(key, name), name) for name in fields)
+        if distance <= max(1, len(key) // 6):
+            warnings.warn(
+                f"VedasConfig got the unknown key {key!r}, which has no effect: did you mean {closest!r}?",
+                stacklevel=3,
+            )
 
 
 @dataclass(kw_only=True, repr=False)
@@ -183,55 +222,53 @@ class VedasSettings:
     replay_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
+        _warn_misspelt(kwargs)
         super().__post_init__(**kwargs)
         self._finalize_vedas()
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
         # `from_pretrained(dir, **overrides)` sets the overrides after `__init__` ran the checks: run them again
+        _warn_misspelt({key: value for key, value in kwargs.items() if key not in config_dict})
         result = super().from_dict(config_dict, **kwargs)
         (result[0] if isinstance(result, tuple) else result)._finalize_vedas()
         return result
 
     def _finalize_vedas(self):
+        """Fills the default routing layers (0, 2, 4, ...), normalises list fields, then validates."""
         num_layers = self.text_config.num_hidden_layers
         if self.routing_layers is None:
             self.routing_layers = list(range(0, num_layers, 2))
-        self.routing_layers = sorted(int(i) for i in self.routing_layers)
+        self.routing_layers = sorted(i if isinstance(i, bool) else int(i) for i in self.routing_layers)
         if isinstance(self.routing_topk, tuple):
             self.routing_topk = list(self.routing_topk)
         self._validate_vedas()
 
     def _validate_vedas(self):
-        def check_choice(name, allowed):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"VedasConfig.{name}={value!r} is not one of {allowed}.")
-
-        for name in ("num_latent_steps", "num_replay_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"VedasConfig.{name} must be an integer >= 0, got {value!r}.")
-        check_choice("replay_mode", REPLAY_MODES)
-        check_choice("replay_scale", REPLAY_SCALES)
-        check_choice("replay_positions", POSITION_MODES)
-        check_choice("routing", ROUTING_MODES)
-        check_choice("routing_positions", ROUTING_POSITION_MODES)
-        check_choice("depth_residual", DEPTH_RESIDUALS)
-        if not isinstance(self.window_size, int) or self.window_size < 1:
-            raise ValueError(f"VedasConfig.window_size (W) must be an integer >= 1, got {self.window_size!r}.")
+        """Refuses, in one line naming the field, a value the model cannot use (ints exclude booleans)."""
+        for name, allowed in (("replay_mode", REPLAY_MODES), ("replay_scale", REPLAY_SCALES),
+                              ("replay_positions", POSITION_MODES), ("routing", ROUTING_MODES),
+                              ("routing_positions", ROUTING_POSITION_MODES), ("depth_residual", DEPTH_RESIDUALS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"VedasConfig.{name}={getattr(self, name)!r} is not one of {allowed}.")
+        _check_int("num_latent_steps", self.num_latent_steps, low=0, high=MAX_LATENT_STEPS)
+        _check_int("num_replay_tokens", self.num_replay_tokens, low=0, high=MAX_REPLAY_TOKENS)
+        _check_int("window_size (W)", self.window_size, low=1)
+        _check_int("max_depth (D)", self.max_depth, low=1)
         unit = self.vision_config.patch_size * self.vision_config.spatial_merge_size
-        if not isinstance(self.crop_resolution, int) or self.crop_resolution < unit or self.crop_resolution % unit:
+        if not _is_int(self.crop_resolution) or self.crop_resolution < unit or self.crop_resolution % unit:
             raise ValueError(
                 f"VedasConfig.crop_resolution must be a positive multiple of patch_size * spatial_merge_size "
                 f"({unit}), got {self.crop_resolution!r}."
             )
-        if not self.recon_weight >= 0:
-            raise ValueError(f"VedasConfig.recon_weight (λ) must be >= 0, got {self.recon_weight!r}.")
-        if not isinstance(self.max_depth, int) or self.max_depth < 1:
-            raise ValueError(f"VedasConfig.max_depth (D) must be an integer >= 1, got {self.max_depth!r}.")
+        if isinstance(self.recon_weight, bool) or not self.recon_weight >= 0:
+            raise ValueError(f"VedasConfig.recon_weight (λ) must be a number >= 0, got {self.recon_weight!r}.")
+        self._validate_routing()
+
+    def _validate_routing(self):
+        """The RDS fields: routing layers within the decoder, α a count, a fraction or a cosine schedule."""
         num_layers = self.text_config.num_hidden_layers
-        bad = [i for i in self.routing_layers if not 0 <= i < num_layers]
+        bad = [i for i in self.routing_layers if not _is_int(i) or not 0 <= i < num_layers]
         if bad:
             raise ValueError(
                 f"VedasConfig.routing_layers has indices {bad} outside the {num_layers} decoder layers "
@@ -243,7 +280,7 @@ class VedasSettings:
         if isinstance(topk, bool):
             raise ValueError(f"VedasConfig.routing_topk (α) must be a number or [α_s, α_e], got {topk!r}.")
         if isinstance(topk, list):
-            if len(topk) != 2 or not all(isinstance(a, int) and not isinstance(a, bool) and a >= 1 for a in topk):
+            if len(topk) != 2 or not all(_is_int(a) and a >= 1 for a in topk):
                 raise ValueError(
                     f"VedasConfig.routing_topk as a cosine schedule must be [α_s, α_e] with two integers >= 1, "
                     f"got {topk!r}."

@@ -1,6 +1,8 @@
 """Fidelity checks from the code review (issue 13): gradients under gradient checkpointing, the literal Eq. 11
 option, config checks."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -101,3 +103,33 @@ def test_literal_eq11_with_zero_e_is_the_base_model(vedas_dirs):
         torch.testing.assert_close(literal(**inputs).logits, gated(**inputs).logits, atol=0, rtol=0)
     with pytest.raises(ValueError, match="depth_residual"):
         load_vedas(vedas_dirs["qwen2_vl"], depth_residual="paper")
+
+
+@pytest.mark.parametrize("field, value", [
+    ("num_latent_steps", True), ("num_replay_tokens", False), ("window_size", True), ("max_depth", True),
+    ("routing_layers", [0, True]), ("recon_weight", True),
+    ("num_latent_steps", 65), ("num_replay_tokens", 1025),
+])
+def test_config_refuses_booleans_and_counts_past_the_bounds(field, value):
+    """Booleans are not integers here (JSON `true` would read as 1), and T and K have the bounds generate uses."""
+    from vedas.configuration_vedas import MAX_LATENT_STEPS, MAX_REPLAY_TOKENS, VedasConfig
+
+    assert (MAX_LATENT_STEPS, MAX_REPLAY_TOKENS) == (64, 1024)
+    with pytest.raises(ValueError, match=rf"VedasConfig\.{field}"):
+        VedasConfig(**{field: value})
+    config = VedasConfig(num_latent_steps=MAX_LATENT_STEPS, num_replay_tokens=MAX_REPLAY_TOKENS, routing_layers=[0])
+    assert (config.num_latent_steps, config.num_replay_tokens, config.routing_layers) == (64, 1024, [0])
+
+
+def test_config_warns_about_a_misspelt_key_naming_the_field(vedas_dirs):
+    from vedas.configuration_vedas import VedasConfig
+
+    with pytest.warns(UserWarning, match="'num_latent_step'.*did you mean 'num_latent_steps'"):
+        config = VedasConfig(num_latent_step=3)
+    assert config.num_latent_steps == 4  # the intended field keeps its default
+    with pytest.warns(UserWarning, match="'replay_mod'.*did you mean 'replay_mode'"):
+        VedasConfig.from_pretrained(vedas_dirs["qwen2_vl"], replay_mod="soft_mix")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # backbone keys and real fields stay silent
+        VedasConfig(num_latent_steps=3, use_cache=False, tie_word_embeddings=False)
+        VedasConfig.from_pretrained(vedas_dirs["qwen2_vl"], num_replay_tokens=2)
