@@ -133,3 +133,21 @@ def test_config_warns_about_a_misspelt_key_naming_the_field(vedas_dirs):
         warnings.simplefilter("error")  # backbone keys and real fields stay silent
         VedasConfig(num_latent_steps=3, use_cache=False, tie_word_embeddings=False)
         VedasConfig.from_pretrained(vedas_dirs["qwen2_vl"], num_replay_tokens=2)
+
+
+def test_non_finite_gradient_norm_stops_training(vedas_dirs, tmp_path):
+    """A finite loss with an inf gradient (here: the backward of `lm_head` scaled by inf from step 2 on) stops
+    training at the next log, naming the gradient norm and the step, before any checkpoint of that step."""
+    from test_trainer_guards import assert_finite_checkpoints, checkpoint_steps, make_trainer
+    from vedas_trainer.synthetic import build_synthetic_dataset
+    from vedas_trainer.trainer import NonFiniteLossError
+
+    model, processor = load_vedas(vedas_dirs["qwen2_vl"])
+    trainer = make_trainer(model, processor, build_synthetic_dataset(2, seed=0, split="train"), tmp_path)
+    weight = model.lm_head.weight
+    weight.register_hook(lambda grad: grad * float("inf") if trainer.state.global_step + 1 >= 2 else grad)
+    with pytest.raises(NonFiniteLossError, match=r"global step 2: gradient norm \(grad_norm\) = (inf|nan)") as raised:
+        trainer.train()
+    assert raised.value.step == 2 and set(raised.value.components) == {"grad_norm"}
+    assert checkpoint_steps(tmp_path) == [1]
+    assert_finite_checkpoints(tmp_path)

@@ -12,7 +12,7 @@ Every training and evaluation path of the project consumes samples of this form 
     }
 
 Steps are kept unmerged here; the curriculum merges them to ``max_latent_stage`` chunks with
-:func:`merge_steps` (DESIGN.md 1.3), so one loaded dataset serves any curriculum setting.
+:func:`merge_steps` (docs/design.md, "Curriculum"), so one loaded dataset serves any curriculum setting.
 
 :func:`load_vedas_dataset` returns a :class:`datasets.Dataset` of the *raw* rows with a transform that
 adapts each row when it is accessed, so images are decoded lazily (GQA alone references ~1M

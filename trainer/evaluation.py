@@ -1,7 +1,7 @@
 """Table-1 evaluation: accuracy, average AR steps and wall time per sample for No-CoT, explicit CoT and Vedas latent.
 
 All three modes run on the same model and the same samples, one after the other in one process, so their times
-compare (DESIGN.md section 5):
+compare (docs/design.md, "Measuring"):
 
 * ``"nocot"``: T = 0. The prompt is followed by the answer prefix ``answer :``, i.e. it asks for the direct answer:
   every target the model is trained on ends with the line ``answer : X`` (the whole target of the No-CoT baseline,
@@ -273,7 +273,7 @@ def evaluate_checkpoint(model, processor, samples: Sequence[Mapping[str, Any]], 
 
 
 def time_ratios(results: Mapping[str, Mapping]) -> dict:
-    """Side-by-side latency ratios of one run (DESIGN.md 5): latent vs No-CoT, CoT vs latent."""
+    """Side-by-side latency ratios of one run (docs/design.md, "Measuring"): latent vs No-CoT, CoT vs latent."""
     def ratio(a, b):
         if a in results and b in results and results[b]["avg_seconds_per_sample"] > 0:
             return results[a]["avg_seconds_per_sample"] / results[b]["avg_seconds_per_sample"]

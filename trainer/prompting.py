@@ -1,8 +1,8 @@
 """The one prompt and target format, shared by training, evaluation and the benchmarks.
 
-The authors' release formatted training and test prompts differently (DESIGN.md section 6); here every path builds
-its prompt with :func:`build_prompt` and its target with :func:`format_cot` / :func:`format_answer`, so a model is
-always evaluated on exactly the text it was trained on.
+The authors' release formatted training and test prompts differently (docs/design.md, "Departures from the paper
+and from the authors' release"); here every path builds its prompt with :func:`build_prompt` and its target with
+:func:`format_cot` / :func:`format_answer`, so a model is always evaluated on exactly the text it was trained on.
 
 Prompt: the chat template of the processor over one user turn (the images first, then the question with its
 options) plus the generation prompt::

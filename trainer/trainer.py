@@ -1,8 +1,8 @@
 """`VedasTrainer`: the transformers `Trainer` with the Vedas loss, its logs and the latent curriculum.
 
-* Loss: the model computes it (`ce_loss + recon_weight * recon_loss`, DESIGN.md 1.3); the trainer logs both terms,
-  the curriculum stage and the router statistics (`router/L{layer}/{selected,score,threshold}`), averaged over the
-  steps since the last log exactly like the Trainer averages `loss`.
+* Loss: the model computes it (`ce_loss + recon_weight * recon_loss`, docs/design.md, "Losses"); the trainer logs
+  both terms, the curriculum stage and the router statistics (`router/L{layer}/{selected,score,threshold}`),
+  averaged over the steps since the last log exactly like the Trainer averages `loss`.
 * Curriculum: :class:`CurriculumCallback` sets the collator's stage from `state.epoch` at every epoch start. The
   epoch is part of the Trainer state, so every data-parallel rank computes the same stage, and a run resumed from a
   checkpoint (mid-epoch included) continues at the stage it was killed in.
@@ -60,12 +60,13 @@ _EPOCH_EPS = 1e-9
 # output folder (ignore pattern "_*"), and neither `get_last_checkpoint` nor checkpoint rotation looks inside it.
 CHECKPOINT_STAGING_DIR = "_tmp-checkpoints"
 # the loss components the non-finite guard watches, in the order of its device-side buffers
-_GUARDED = ("ce_loss", "recon_loss", "router", "loss")
+_GUARDED = ("ce_loss", "recon_loss", "router", "loss", "grad_norm")
 _GUARDED_LABELS = {
     "ce_loss": "CE (ce_loss)",
     "recon_loss": "recon (recon_loss)",
     "router": "router (router/* scores, thresholds or counts)",
     "loss": "total (loss)",
+    "grad_norm": "gradient norm (grad_norm)",
 }
 
 
@@ -84,7 +85,7 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class VedasTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the curriculum settings (DESIGN.md 1.3 / 1.4)."""
+    """`TrainingArguments` plus the curriculum settings (docs/design.md, "Curriculum")."""
 
     epochs_per_stage: int = field(default=4, metadata={"help": "Epochs per curriculum stage (the paper: 4)."})
     cot_warmup_epochs: int | None = field(
@@ -345,11 +346,24 @@ class VedasTrainer(Trainer):
             # of bounded quantities, so the sum cannot overflow by itself)
             torch.stack([v.detach().float().to(device) for v in router]).sum() if router else zero,
             loss.detach().float().to(device),
+            zero,  # grad_norm: recorded after the backward pass, in _maybe_log_save_evaluate
         ])
         first = ~torch.isfinite(current) & (self._nonfinite_step < 0)
         # the batch belongs to the optimizer step after the last completed one (1-based, as logged)
         self._nonfinite_step = torch.where(first, self.state.global_step + 1, self._nonfinite_step)
         self._nonfinite_value = torch.where(first, current, self._nonfinite_value)
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+        """The Trainer's log / save / evaluate after each optimizer step, after recording a non-finite gradient
+        norm (a finite loss can still give inf or NaN gradients, e.g. an overflow in the backward pass)."""
+        if grad_norm is not None and self._nonfinite_step is not None:
+            index = _GUARDED.index("grad_norm")
+            norm = torch.as_tensor(grad_norm, dtype=torch.float32).to(self._nonfinite_value.device)
+            first = ~torch.isfinite(norm) & (self._nonfinite_step[index] < 0)
+            # the step whose update used these gradients (global_step was just incremented)
+            self._nonfinite_step[index] = torch.where(first, self.state.global_step, self._nonfinite_step[index])
+            self._nonfinite_value[index] = torch.where(first, norm, self._nonfinite_value[index])
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
 
     def _raise_if_non_finite(self) -> None:
         """Raises `NonFiniteLossError` if a loss component was non-finite on any process since training started.
@@ -375,8 +389,10 @@ class VedasTrainer(Trainer):
             if at == step:
                 found.setdefault(name, value)
                 ranks.setdefault(name, []).append(rank)
-        if len(found) > 1:  # the total follows from the components: name it only when it is the only one
+        if len(found) > 1:  # the total and the gradients follow from the components: named only when alone
             found.pop("loss", None)
+            if len(found) > 1:
+                found.pop("grad_norm", None)
         where = "" if self.accelerator.num_processes == 1 else " on process {}"
         details = ", ".join(
             f"{_GUARDED_LABELS[name]} = {found[name]}" + where.format(", ".join(map(str, ranks[name])))
@@ -536,7 +552,7 @@ def lora_config_for(
     target_modules: Sequence[str] = LORA_TARGET_MODULES,
     **kwargs,
 ) -> LoraConfig:
-    """A `LoraConfig` for a Vedas model, with the authors' defaults (DESIGN.md 1.4).
+    """A `LoraConfig` for a Vedas model, with the authors' defaults (docs/design.md, "Paper settings and defaults").
 
     * LoRA on `target_modules` of the language model only: the vision tower stays frozen (Qwen2.5-VL's vision MLP
       also has `gate_proj`/`up_proj`/`down_proj`, hence the regex on `language_model`).
