@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, initialization as init
+from transformers import initialization as init
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
@@ -37,6 +37,8 @@ from .routing_vedas import (
     VedasCache,
     VedasDecoderLayer,
     VedasForwardState,
+    _agree_across_ranks,
+    _in_lockstep,
 )
 
 
@@ -275,6 +277,23 @@ def _mask_segments(allowed: torch.Tensor, token_valid: torch.Tensor, past_length
     return segments if bool((segments[:, -1] > 0).any()) else None
 
 
+def _pad_for_steps(module, layout: _LatentLayout, input_ids, mask, mm_token_type_ids, labels):
+    """Agrees the number of latent passes across ranks in lockstep (`_agree_across_ranks`). A batch with fewer
+    steps than another rank's gains passes that none of its rows uses (like a row with fewer steps than its batch)
+    and, where its columns run out, masked columns on the right (`_latent_forward` drops them again)."""
+    steps = _agree_across_ranks(module, [layout.num_steps])[0]
+    extra = layout.latent_column(steps) + 2 - input_ids.shape[1] if steps > layout.num_steps else 0
+    layout.num_steps = steps
+    if extra <= 0:
+        return input_ids, mask, mm_token_type_ids, labels
+
+    def pad(tensor, value):
+        return None if tensor is None else nn.functional.pad(tensor, (0, extra), value=value)
+
+    pad_id = module.config.text_config.pad_token_id
+    return pad(input_ids, 0 if pad_id is None else pad_id), pad(mask, 0), pad(mm_token_type_ids, 0), pad(labels, -100)
+
+
 def _main_pass_attentions(attentions, state: VedasForwardState):
     """The recorded attention maps without the routing layers' second passes: one per layer."""
     if not attentions:
@@ -299,6 +318,11 @@ def _join_passes(recorded: list, length: int) -> tuple[tuple | None, tuple | Non
             for layer in zip(*(maps for _, maps in recorded))
         )
     return hidden_states, attentions
+
+
+# The modules Vedas adds to the backbone (routing layers: `depth_router`, `depth_step_embed`; the model: `token_sr`),
+# by the names their parameters carry: what LoRA trains in full and what a base checkpoint lacks.
+VEDAS_MODULES = ("depth_router", "depth_step_embed", "token_sr")
 
 
 class VedasMixin:
@@ -731,6 +755,18 @@ class VedasMixin:
             pooled = nn.functional.layer_norm(pooled, pooled.shape[-1:])
         return pooled.to(dtype)
 
+    def _idle_recon(self, dtype) -> torch.Tensor:
+        """Zero times the reconstruction of a blank crop, for a rank in lockstep whose batch selected no crop
+        window: it runs the vision tower and `token_sr` like the ranks that have crops."""
+        cfg, vision = self.config, self.config.vision_config
+        blank = torch.zeros(1, 3, cfg.crop_resolution, cfg.crop_resolution, device=self.device)
+        pixel_values, grid_thw = patchify_images(blank, vision.patch_size, vision.temporal_patch_size,
+                                                 vision.spatial_merge_size, cfg.image_mean, cfg.image_std)
+        with torch.no_grad():
+            features = self.model.get_image_features(pixel_values.to(self.model.visual.dtype), grid_thw.to(self.device))
+        prediction = self.token_sr(features.pooler_output[0].mean(0, keepdim=True).to(dtype))
+        return prediction.float().sum() * 0.0
+
     def _recon_loss(self, run: _LatentRun, crop_images, dtype) -> torch.Tensor | None:
         """Eq. 8 in the release's mean form: L_recon = mean over the (step, sample) pairs with a crop window and
         over the hidden dimension of (token_sr(mean B(t)) - u_ref)^2 (docs/design.md, section 7)."""
@@ -767,7 +803,7 @@ class VedasMixin:
         layout = run.layout
         record = {"output_attentions": output_attentions, "output_hidden_states": output_hidden_states}
         # pass 0 ends at <|start_latent|>, pass t at z(t); the last pass runs to the end (generate: to z(T))
-        last = layout.latent_column(layout.num_steps) + 1 if return_hidden_only else input_ids.shape[1]
+        last = layout.latent_column(layout.num_steps) + 1 if return_hidden_only else run.mask.shape[1]
         ends = [layout.start + 1] + [layout.latent_column(t) + 1 for t in range(1, layout.num_steps)] + [last]
         begin, hidden_chunks, router_stats, recorded = 0, [], {}, []
         for step, end in enumerate(ends):
@@ -784,6 +820,7 @@ class VedasMixin:
                 run.trace.append(self._latent_step(run, t=step + 1, last_hidden=latent_pass.hidden[:, -1],
                                                    state=latent_pass.state))
         hidden = torch.cat(hidden_chunks, dim=1) if run.cache is not None else hidden_chunks[-1]
+        hidden = hidden[:, : input_ids.shape[1]]  # without the columns `_pad_for_steps` may have added
         if return_hidden_only:
             return LatentPhase(last_hidden_state=hidden_chunks[-1], cache=run.cache, position_ids=run.positions,
                                attention_mask=run.mask, latent_trace=run.trace)
@@ -810,6 +847,9 @@ class VedasMixin:
             raise ValueError(f"num_replay_tokens must be >= 0, got {num_replay}.")
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.clone()
         layout = self._parse_latent_layout(input_ids, num_replay=num_replay)
+        if not generating:  # every rank in lockstep runs as many passes as the rank with the most latent steps
+            input_ids, mask, mm_token_type_ids, labels = _pad_for_steps(
+                self, layout, input_ids, mask, mm_token_type_ids, labels)
         embeds = self._embed(input_ids, pixel_values, image_grid_thw, inputs_embeds=inputs_embeds)
         visual = visual_tokens(is_image=(input_ids == cfg.image_token_id) & mask.bool(),
                                image_grid_thw=image_grid_thw, merge_size=cfg.vision_config.spatial_merge_size)
@@ -822,6 +862,8 @@ class VedasMixin:
         prompt_past_first_pass = bool(prompt_mask[:, layout.start + 1 :].any()) and not generating
         checkpointing = self.model.language_model.gradient_checkpointing and self.training  # it drops layer caches
         cached = use_cache is not False and not (checkpointing or self._global_routing or prompt_past_first_pass)
+        if not generating:  # the uncached saliency runs k_proj once more: one rank without a cache, all without
+            cached = cached and not _agree_across_ranks(self, [int(not cached)])[0]
         replay_on = layout.slots > 0 and visual.columns.shape[1] > 0
         return _LatentRun(
             layout=layout, num_replay=num_replay, embeds=embeds, mask=mask, visual=visual,
@@ -957,6 +999,8 @@ class VedasMixin:
             recon_loss = self._recon_loss(run, crop_images=crop_images, dtype=hidden.dtype)
         if recon_loss is not None:
             loss = recon_loss * cfg.recon_weight if loss is None else loss + cfg.recon_weight * recon_loss
+        elif run.compute_recon and loss is not None and _in_lockstep(self):  # no crop here, maybe on other ranks
+            loss = loss + self._idle_recon(hidden.dtype)
         hidden_states, attentions = _join_passes(recorded, hidden.shape[1])
         return VedasCausalLMOutput(
             loss=loss, ce_loss=ce_loss, recon_loss=recon_loss, logits=logits, past_key_values=run.cache,
@@ -1338,7 +1382,7 @@ class VedasMixin:
             ) from None
 
 
-class VedasForConditionalGeneration(VedasMixin, Qwen2VLForConditionalGeneration, GenerationMixin):
+class VedasForConditionalGeneration(VedasMixin, Qwen2VLForConditionalGeneration):
     """Vedas on a Qwen2-VL backbone."""
 
     config_class = VedasConfig
@@ -1352,7 +1396,7 @@ class VedasForConditionalGeneration(VedasMixin, Qwen2VLForConditionalGeneration,
         self.post_init()
 
 
-class Vedas25ForConditionalGeneration(VedasMixin, Qwen2_5_VLForConditionalGeneration, GenerationMixin):
+class Vedas25ForConditionalGeneration(VedasMixin, Qwen2_5_VLForConditionalGeneration):
     """Vedas on a Qwen2.5-VL backbone."""
 
     config_class = Vedas25Config

@@ -53,6 +53,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100", "tensorboard>=2.15"],
-        "deepspeed": ["deepspeed>=0.16"],
+        # DeepSpeed compiles its ops at run time: ninja here, a C++ compiler from the system (.ci/run installs g++)
+        "deepspeed": ["deepspeed>=0.16", "ninja"],
     },
 )

@@ -639,8 +639,9 @@ def main(argv=None):
     final = final_model(trainer, model_args)  # every rank takes part (ZeRO-3 gathers); whole on the main process
     if trainer.is_world_process_zero():
         record = training_record(trainer, args, model.config)
-        final_dir = write_outputs(trainer, final, processor, model_args, data_args, run_args, args, embedded,
-                                  test_samples, callbacks, record, started, len(train_dataset))
+        with outside_zero3_init():  # the whole model generates alone (no `synced_gpus` waiting for the other ranks)
+            final_dir = write_outputs(trainer, final, processor, model_args, data_args, run_args, args, embedded,
+                                      test_samples, callbacks, record, started, len(train_dataset))
         if push_repo:  # a push that cannot happen (offline, no network) prints why and the command to push later
             push_after_training(final_dir, push_repo, token=args.hub_token, private=bool(args.hub_private_repo))
 

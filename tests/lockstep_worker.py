@@ -1,0 +1,71 @@
+"""One rank of tests/test_deepspeed.py's lockstep check (`torchrun --nproc_per_node 2 lockstep_worker.py FOLDER OUT`).
+
+Rank r trains on a batch of r + 1 latent steps, so the two ranks' batches need different numbers of latent passes.
+Each rank records, in call order, every module its training forward runs (what ZeRO-3 gathers weights for), the
+parameters its backward reaches, and its loss, alone (before joining the group) and in the group; it writes them
+to OUT/rank{r}.json.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy
+import torch
+import torch.distributed as dist
+
+from vedas_trainer.checkpoint import load_vedas
+from vedas_trainer.testing import make_inputs, perturb_vedas, quadrant_image
+
+
+def training_batch(model, processor, steps, seed):
+    """A two-sample latent-layout batch with `steps` latent steps, a supervised answer and crop images."""
+    cfg = model.config
+    images = [quadrant_image((112, 84), seed=seed), quadrant_image((84, 84), seed=seed + 1)]
+    inputs = make_inputs(processor, ["what colour ?", "which one is it ?"], images)
+    ids, mask, types = model.build_latent_layout(
+        inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"], steps, cfg.num_replay_tokens)
+    answer = processor.tokenizer(" answer : red", add_special_tokens=False)["input_ids"]
+    tail = torch.tensor([cfg.end_latent_token_id] + answer)[None].expand(ids.shape[0], -1)
+    ids = torch.cat([ids, tail], 1)
+    labels = torch.full_like(ids, -100)
+    labels[:, -len(answer):] = ids[:, -len(answer):]
+    crops = [[torch.from_numpy(numpy.array(image)).permute(2, 0, 1)] for image in images]
+    return dict(input_ids=ids, attention_mask=torch.cat([mask, torch.ones_like(tail)], 1),
+                mm_token_type_ids=torch.cat([types, torch.zeros_like(tail).int()], 1), labels=labels,
+                pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"], crop_images=crops)
+
+
+def traced_step(model, batch):
+    """(modules run by the forward in call order, parameters with a gradient, loss, logits shape)."""
+    calls, handles = [], []
+    for name, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(lambda mod, args, name=name: calls.append(name)))
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    for handle in handles:
+        handle.remove()
+    reached = sorted(name for name, param in model.named_parameters() if param.grad is not None)
+    return calls, reached, out.loss.item(), list(out.logits.shape)
+
+
+def main(folder, out):
+    rank, world = int(__import__("os").environ["RANK"]), int(__import__("os").environ["WORLD_SIZE"])
+    torch.manual_seed(0)
+    model, processor = load_vedas(folder)
+    perturb_vedas(model, check_init=False)
+    model.train()
+    batch = training_batch(model, processor, steps=rank + 1, seed=3 + rank)
+    alone = traced_step(model, batch)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    together = traced_step(model, batch)
+    dist.barrier()
+    dist.destroy_process_group()
+    record = {"alone": dict(zip(("calls", "reached", "loss", "logits"), alone)),
+              "together": dict(zip(("calls", "reached", "loss", "logits"), together))}
+    Path(out, f"rank{rank}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

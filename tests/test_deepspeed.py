@@ -1,0 +1,171 @@
+"""Data-parallel ranks in lockstep, and real 2-process DeepSpeed ZeRO-2 / ZeRO-3 training runs.
+
+* Lockstep (no DeepSpeed needed): two gloo ranks whose batches need 1 and 2 latent steps run the same modules in
+  the same order (what ZeRO-3 gathers weights for), reach the same parameters in backward, and keep the loss each
+  computes alone.
+* ZeRO-2 and ZeRO-3: `accelerate launch` of examples/train.py with 2 processes, across the curriculum's stage
+  boundaries (CoT warm-up, stage 1, stage 2), each checked for: the same full-weight checksum on both ranks, one
+  optimizer shard per rank, a `checkpoint-final` without an empty tensor whose weights have that checksum, and an
+  `AutoModel` load (trust_remote_code) that generates. DeepSpeed JIT-compiles its CPU communication op at the first
+  run (a C++ compiler and ninja are needed, 2-3.5 minutes once, cached under ~/.cache/torch_extensions).
+"""
+
+import importlib.util
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from vedas_trainer.checkpoint import load_vedas
+
+REPO = Path(__file__).resolve().parent.parent
+TRAIN = REPO / "examples" / "train.py"
+CONFIGS = REPO / "examples" / "configs"
+CHECKSUM_LINE = re.compile(r"rank (\d+) parameter checksum ([0-9.]+) sha256 ([0-9a-f]{64}) \(global step (\d+)\)")
+# a hang (ranks out of step) ends the test instead of the CI job
+TIMEOUT = 600
+
+
+def _env(tmp_path):
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("ACCELERATE_", "TORCHELASTIC_"))
+           and key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               MPLBACKEND="Agg", HF_MODULES_CACHE=str(tmp_path / "hf_modules"), DS_ACCELERATOR="cpu")
+    return env
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(command, tmp_path, log_name):
+    try:
+        result = subprocess.run([str(c) for c in command], cwd=REPO, env=_env(tmp_path), capture_output=True,
+                                text=True, timeout=TIMEOUT)
+    except subprocess.TimeoutExpired as err:
+        pytest.fail(f"{log_name} did not finish in {TIMEOUT} s (ranks out of step?):\n{str(err.output)[-4000:]}")
+    output = result.stdout + result.stderr
+    (tmp_path / f"{log_name}.log").write_text(output)
+    assert result.returncode == 0, f"{' '.join(map(str, command))} exited {result.returncode}:\n{output[-6000:]}"
+    return output
+
+
+# ------------------------------------------------------------------------------------------------------- lockstep
+
+
+def test_ranks_with_different_latent_step_counts_run_the_same_modules(vedas_dirs, tmp_path):
+    out = tmp_path / "ranks"
+    out.mkdir()
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
+          REPO / "tests" / "lockstep_worker.py", vedas_dirs["qwen2_vl"], out], tmp_path, "lockstep")
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    alone, together = [r["alone"] for r in ranks], [r["together"] for r in ranks]
+    # alone, the batch of 2 latent steps runs more passes: under ZeRO-3 these ranks would hang
+    assert len(alone[0]["calls"]) < len(alone[1]["calls"])
+    assert together[0]["calls"] == together[1]["calls"]
+    assert together[0]["reached"] == together[1]["reached"]
+    for rank in range(2):  # lockstep changes nothing a rank computes
+        assert together[rank]["loss"] == pytest.approx(alone[rank]["loss"], rel=1e-6, abs=1e-6)
+        assert together[rank]["logits"] == alone[rank]["logits"]
+    assert together[0]["logits"][1] < together[1]["logits"][1]  # the batches really differ in length
+
+
+# ------------------------------------------------------------------------------------------------- DeepSpeed runs
+
+
+def _deepspeed_missing() -> str | None:
+    if importlib.util.find_spec("deepspeed") is None:
+        return "deepspeed is not installed (pip install -e '.[deepspeed]')"
+    if not (shutil.which("c++") or shutil.which("g++")) or not shutil.which("ninja"):
+        return "DeepSpeed compiles its CPU communication op at run time: it needs a C++ compiler (c++/g++) and ninja"
+    return None
+
+
+needs_deepspeed = pytest.mark.skipif(_deepspeed_missing() is not None, reason=str(_deepspeed_missing()))
+
+
+def _deepspeed_run(tmp_path_factory, stage):
+    tmp = tmp_path_factory.mktemp(f"zero{stage}")
+    out = tmp / "run"
+    # 32 samples, 8 per rank: 2 steps per epoch; the CoT warm-up, then stages 1 and 2 (6 steps)
+    output = _run(["accelerate", "launch", "--config_file", CONFIGS / f"deepspeed_zero{stage}.yaml",
+                   "--num_processes", "2", "--main_process_port", _free_port(), TRAIN, "--quick", "--n_train", "32",
+                   "--output_dir", out, "--save_total_limit", "3"], tmp, f"zero{stage}")
+    return out, output
+
+
+@pytest.fixture(scope="module")
+def zero2_run(tmp_path_factory):
+    return _deepspeed_run(tmp_path_factory, 2)
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory):
+    return _deepspeed_run(tmp_path_factory, 3)
+
+
+def _check_run(out, output):
+    checksums = {int(rank): (digest, int(step)) for rank, _, digest, step in CHECKSUM_LINE.findall(output)}
+    assert sorted(checksums) == [0, 1], output[-3000:]
+    assert checksums[0] == checksums[1]  # both ranks hold the same full weights
+    digest, steps = checksums[0]
+    assert steps == 6
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 2 and report["last_stage"] == 2 and report["curriculum_complete"]
+    # every epoch's checkpoint holds one optimizer shard per rank
+    for checkpoint in (out / f"checkpoint-{step}" for step in (2, 4, 6)):
+        shards = sorted(p.name for p in checkpoint.glob("global_step*/*optim_states.pt"))
+        assert {re.search(r"pp_rank_(\d+)_", name).group(1) for name in shards} == {"0", "1"} and len(shards) == 2, (
+            checkpoint, shards)
+    final = out / "checkpoint-final"
+    with safe_open(final / "model.safetensors", framework="pt") as weights:
+        empty = [name for name in weights.keys() if weights.get_slice(name).get_shape().count(0)]
+        assert not empty and len(list(weights.keys())) > 80, empty
+    model, processor = load_vedas(final)
+    spec = importlib.util.spec_from_file_location("vedas_example_train", TRAIN)
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    assert train.parameter_checksum(model)[1] == digest  # the saved weights are the trained ones, full size
+    return model, processor
+
+
+def _generates(final, tmp_path):
+    """An AutoModel load of the folder with trust_remote_code, then latent generation of a few new tokens."""
+    script = (
+        "import sys, torch\n"
+        "from transformers import AutoModel, AutoProcessor\n"
+        "from vedas_trainer.testing import make_inputs, quadrant_image\n"
+        "model = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()\n"
+        "processor = AutoProcessor.from_pretrained(sys.argv[1])\n"
+        "inputs = make_inputs(processor, ['which way ?'], [quadrant_image((112, 112), seed=1)])\n"
+        "out = model.generate(**inputs, max_new_tokens=4, do_sample=False)\n"
+        "print('generated', type(model).__module__, out.shape[1] - inputs['input_ids'].shape[1])\n"
+    )
+    output = _run([sys.executable, "-c", script, final], tmp_path, "generate")
+    match = re.search(r"generated (\S+) (\d+)", output)
+    assert match and match.group(1).endswith("modeling_vedas") and int(match.group(2)) > 0, output[-2000:]
+
+
+@needs_deepspeed
+def test_zero2_two_processes_across_stages(zero2_run, tmp_path):
+    out, output = zero2_run
+    _check_run(out, output)
+    _generates(out / "checkpoint-final", tmp_path)
+
+
+@needs_deepspeed
+def test_zero3_two_processes_across_stages(zero3_run, tmp_path):
+    out, output = zero3_run
+    _check_run(out, output)
+    _generates(out / "checkpoint-final", tmp_path)
