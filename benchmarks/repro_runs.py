@@ -89,11 +89,19 @@ def summarise(out: Path, seed: int, threads: int, wall: float | None, loads: lis
         "wall_seconds": report.get("wall_seconds"),
         "global_steps": report.get("global_steps"),
     })
-    state = sorted(out.glob("checkpoint-*/trainer_state.json"))
+    state = sorted((path for path in out.glob("checkpoint-*/trainer_state.json") if path.parent.name[11:].isdigit()),
+                   key=lambda path: int(path.parent.name[11:]))
     history = report.get("log_history")
     if history is None and state:
         history = json.loads(state[-1].read_text()).get("log_history", [])
-    summary["ce_curve"] = [(r["step"], r["ce_loss"], r.get("stage")) for r in history or [] if "ce_loss" in r]
+    summary["ce_curve"] = curve = [(r["step"], r["ce_loss"], r.get("stage")) for r in history or [] if "ce_loss" in r]
+    warm = [ce for _, ce, stage in curve if stage == 0]
+    summary["warmup_final_ce"] = warm[-1] if warm else None
+    # the CE jump at each curriculum boundary: first log of the new stage (a mean over its first logging_steps
+    # steps) over the last log of the previous one
+    summary["stage_jumps"] = [
+        {"step": step, "stage": stage, "ce_before": before, "ce_after": ce, "ratio": ce / before}
+        for (_, before, previous), (step, ce, stage) in zip(curve, curve[1:]) if stage != previous and before > 0]
     return summary
 
 
@@ -102,12 +110,13 @@ def table_markdown(rows: list[dict]) -> str:
         return "n/a" if value is None else f"{100 * value:.1f}"
 
     lines = ["| Run | Seed | Threads | CoT (warm-up) | No-CoT (warm-up) | Vedas latent (T = 4) | T = 0 (final) | "
-             "Wall (s) | Mean load |", "|---|---|---|---|---|---|---|---|---|"]
+             "Warm-up CE (last log) | Wall (s) | Mean load |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         load = "n/a" if r.get("mean_load") is None else f"{r['mean_load']:.1f}"
         wall = "n/a" if r.get("wall_seconds") is None else f"{r['wall_seconds']:.0f}"
+        ce = "n/a" if r.get("warmup_final_ce") is None else f"{r['warmup_final_ce']:.3f}"
         lines.append(f"| {r['run']} | {r['seed']} | {r['threads']} | {pct(r.get('cot'))} | {pct(r.get('nocot_warmup'))} "
-                     f"| {pct(r.get('latent'))} | {pct(r.get('t0'))} | {wall} | {load} |")
+                     f"| {pct(r.get('latent'))} | {pct(r.get('t0'))} | {ce} | {wall} | {load} |")
     done = [r for r in rows if r.get("latent") is not None]
     if done:
         def span(key):
@@ -115,7 +124,7 @@ def table_markdown(rows: list[dict]) -> str:
             return f"{min(values):.1f}-{max(values):.1f}" if values else "n/a"
 
         lines.append(f"| **range ({len(done)} runs)** | | | {span('cot')} | {span('nocot_warmup')} | {span('latent')} | "
-                     f"{span('t0')} | | |")
+                     f"{span('t0')} | | | |")
     return "\n".join(lines) + "\n"
 
 
