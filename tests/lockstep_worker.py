@@ -1,9 +1,11 @@
-"""One rank of tests/test_deepspeed.py's lockstep check (`torchrun --nproc_per_node 2 lockstep_worker.py FOLDER OUT`).
+"""One rank of tests/test_deepspeed.py's lockstep checks: `torchrun --nproc_per_node 2 lockstep_worker.py FOLDER OUT
+[--zero3]`.
 
 Rank r trains on a batch of r + 1 latent steps, so the two ranks' batches need different numbers of latent passes.
 Each rank records, in call order, every module its training forward runs (what ZeRO-3 gathers weights for), the
 parameters its backward reaches, and its loss, alone (before joining the group) and in the group; it writes them
-to OUT/rank{r}.json.
+to OUT/rank{r}.json. With --zero3 the group step is 2 training steps of a DeepSpeed ZeRO-3 engine instead (the
+weights partitioned across the ranks): their losses are recorded.
 """
 
 import json
@@ -50,7 +52,26 @@ def traced_step(model, batch):
     return calls, reached, out.loss.item(), list(out.logits.shape)
 
 
-def main(folder, out):
+def zero3_steps(model, batch, steps=2):
+    """`steps` training steps of a ZeRO-3 engine (SGD with lr 0: the weights, and so the losses, stay put)."""
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="gloo")
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_allow_untested_optimizer": True,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.0),
+                                      config=config)
+    assert any(hasattr(p, "ds_id") and p.numel() == 0 for p in model.parameters()), "weights not partitioned"
+    losses = []
+    for _ in range(steps):
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    return losses
+
+
+def main(folder, out, zero3=False):
     rank, world = int(__import__("os").environ["RANK"]), int(__import__("os").environ["WORLD_SIZE"])
     torch.manual_seed(0)
     model, processor = load_vedas(folder)
@@ -58,14 +79,16 @@ def main(folder, out):
     model.train()
     batch = training_batch(model, processor, steps=rank + 1, seed=3 + rank)
     alone = traced_step(model, batch)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    together = traced_step(model, batch)
+    record = {"alone": dict(zip(("calls", "reached", "loss", "logits"), alone))}
+    if zero3:
+        record["zero3_losses"] = zero3_steps(model, batch)
+    else:
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        record["together"] = dict(zip(("calls", "reached", "loss", "logits"), traced_step(model, batch)))
     dist.barrier()
     dist.destroy_process_group()
-    record = {"alone": dict(zip(("calls", "reached", "loss", "logits"), alone)),
-              "together": dict(zip(("calls", "reached", "loss", "logits"), together))}
     Path(out, f"rank{rank}.json").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], zero3="--zero3" in sys.argv[3:])
