@@ -256,9 +256,39 @@ class VedasDecoderLayerMixin:
         return torch.full_like(lengths, int(self.routing_topk))
 
     def _route(self, hidden_states, depth, position_embeddings, past_key_values, state: VedasForwardState):
+        """Depth step d of a routing layer on its output h `(batch, l, hidden)`: the router scores s, the selection
+        m (`_select`), the second pass f over the selected tokens (`_second_pass`), and the output
+        h + m ⊙ s ⊙ (f(h) - h) ⊙ e(d) (`depth_residual="gated"`) or h + e(d) ⊙ (h + m ⊙ s ⊙ (f(h) - h))
+        (`"literal"`, see `_depth_residual`)."""
         key = (self.layer_idx, depth)
         cache = past_key_values if isinstance(past_key_values, VedasCache) else None
         scores = self.router_scores(hidden_states)  # (b, l), fp32
+        selected, segments = self._select(scores, key=key, cache=cache, state=state)
+        # gather the selected tokens in position order: a stable sort puts them first, padding slots after
+        counts = selected.sum(-1)
+        width = int(counts.max())
+        if width == 0 and not _in_lockstep(self):
+            return self._depth_residual(hidden_states, hidden_states, depth)
+        width = max(width, 1)  # ranks in lockstep run the second pass even on nothing: one masked slot, zero update
+        order = torch.sort((~selected).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # (b, w)
+        sel_valid = torch.arange(width, device=counts.device)[None] < counts[:, None]
+        index = order.unsqueeze(-1)
+        h_sel = hidden_states.gather(1, index.expand(-1, -1, hidden_states.shape[-1]))
+        f_sel = self._second_pass(h_sel, order=order, sel_valid=sel_valid, segments=segments,
+                                  position_embeddings=position_embeddings, key=key, cache=cache, state=state)
+        gate = scores.gather(1, order).unsqueeze(-1).to(h_sel.dtype)
+        if self.depth_residual == "literal":  # H(d) = h + m ⊙ s ⊙ (f(h) - h), then Eq. 11 as printed
+            delta = (f_sel - h_sel) * gate * sel_valid.unsqueeze(-1)
+            routed = hidden_states.scatter_add(1, index.expand_as(delta), delta)
+            return self._depth_residual(hidden_states, routed, depth)
+        delta = (f_sel - h_sel) * gate * self.depth_step_embed.weight[depth] * sel_valid.unsqueeze(-1)
+        # out-of-place scatter_add: one copy of the hidden states plus the selected rows (indices are distinct)
+        return hidden_states.scatter_add(1, index.expand_as(delta), delta)
+
+    def _select(self, scores, key, cache, state: VedasForwardState):
+        """The selection m `(batch, l)` bool from the router scores s `(batch, l)`: top-α of the sequence
+        (`"global"`), else top-α of the routing prompt, which sets the threshold that later tokens (and those after
+        it on the cache) must reach. Records the router statistics; returns m and the packed-sequence ids."""
         valid = state.token_valid
         segments = state.segments if state.segments is not None else torch.zeros_like(valid, dtype=torch.long)
         if state.routing_mode == "global":
@@ -273,21 +303,21 @@ class VedasDecoderLayerMixin:
             if cache is not None:  # a cache never holds packed rows: one segment
                 cache.routing_thresholds[key] = threshold[:, 0]
 
-        # gather the selected tokens in position order: a stable sort puts them first, padding slots after
         counts = selected.sum(-1)
-        width = int(counts.max())
         stats = {"selected": counts.float().mean(), "threshold": threshold.masked_fill(threshold.isinf(), 0).mean(),
                  "score": (scores * valid).sum() / valid.sum().clamp(min=1)}
         state.router_stats[key] = {name: value.detach() for name, value in stats.items()}
         if state.record_scores:
             state.router_scores[key] = (scores.detach(), selected)
-        if width == 0 and not _in_lockstep(self):
-            return self._depth_residual(hidden_states, hidden_states, depth)
-        width = max(width, 1)  # ranks in lockstep run the second pass even on nothing: one masked slot, zero update
-        order = torch.sort((~selected).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # (b, w)
-        sel_valid = torch.arange(width, device=counts.device)[None] < counts[:, None]
+        return selected, segments
+
+    def _second_pass(self, h_sel, order, sel_valid, segments, position_embeddings, key, cache, state):
+        """f: the same layer over the selected tokens `h_sel` `(batch, w, hidden)` (their columns `order`, real
+        where `sel_valid`), causal among them within each packed sequence, after the selected keys on the cache; at
+        their own positions or, with `routing_positions="rearranged"`, at consecutive new ones."""
+        width = h_sel.shape[1]
+        counts = sel_valid.sum(-1)
         index = order.unsqueeze(-1)
-        h_sel = hidden_states.gather(1, index.expand(-1, -1, hidden_states.shape[-1]))
         sel_segments = segments.gather(1, order)
 
         past = cache.routing_kv.get(key) if cache is not None else None
@@ -322,16 +352,8 @@ class VedasDecoderLayerMixin:
         kv = _SecondPassKV(cache.routing_kv if cache is not None else None, key, past)
         kv.new_valid = sel_valid
         state.attention_calls.append(False)
-        f_sel = super().forward(h_sel, attention_mask=mask, use_cache=True, **{CACHE_ARG: kv},
-                                position_embeddings=(cos, sin))
-        gate = scores.gather(1, order).unsqueeze(-1).to(h_sel.dtype)
-        if self.depth_residual == "literal":  # H(d) = h + m ⊙ s ⊙ (f(h) - h), then Eq. 11 as printed
-            delta = (f_sel - h_sel) * gate * sel_valid.unsqueeze(-1)
-            routed = hidden_states.scatter_add(1, index.expand_as(delta), delta)
-            return self._depth_residual(hidden_states, routed, depth)
-        delta = (f_sel - h_sel) * gate * self.depth_step_embed.weight[depth] * sel_valid.unsqueeze(-1)
-        # out-of-place scatter_add: one copy of the hidden states plus the selected rows (indices are distinct)
-        return hidden_states.scatter_add(1, index.expand_as(delta), delta)
+        return super().forward(h_sel, attention_mask=mask, use_cache=True, **{CACHE_ARG: kv},
+                               position_embeddings=(cos, sin))
 
     def _depth_residual(self, hidden_states, routed, depth: int):
         """The output of depth step d when nothing else is added: h itself (`"gated"`, whose update is added in

@@ -11,6 +11,8 @@ import re
 import string
 from typing import Sequence
 
+from .prompting import LETTERS
+
 __all__ = ["extract_answer", "normalize_answer", "is_correct"]
 
 # Special tokens of Qwen-style vocabularies (<|im_end|>, <|endoftext|>, <|latent|>, ...) and the
@@ -32,7 +34,6 @@ _LETTER_ANYWHERE = re.compile(r"\b(?:option|choice)\s*\(?([a-z])\)?(?![\w])|\(([
 # Punctuation removed by normalize_answer; '.' between digits survives (see the docstring).
 _PUNCT = re.compile("[" + re.escape(string.punctuation) + "]")
 _DECIMAL_POINT = re.compile(r"(?<=\d)\.(?=\d)")
-_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def normalize_answer(s: str | None) -> str:
@@ -70,7 +71,7 @@ def _final_segment(text: str) -> str:
 
 def _letter_from(segment: str, n_choices: int | None, choice_texts: list[str] | None) -> str | None:
     """A letter if the segment starts with one, under the rules of :func:`extract_answer`."""
-    valid = _LETTERS[:n_choices] if n_choices is not None else _LETTERS
+    valid = LETTERS[:n_choices] if n_choices is not None else LETTERS
 
     match = _LABELLED_LETTER.match(segment)
     if match and match.group(1).upper() in valid:
@@ -83,7 +84,7 @@ def _letter_from(segment: str, n_choices: int | None, choice_texts: list[str] | 
             # "B green": trust the letter when its option is "green". Any other case ("a red"
             # with "red" being option C) is left to the option-text search, which reads "a" as
             # an article.
-            if letter in valid and choice_texts[_LETTERS.index(letter)] == rest:
+            if letter in valid and choice_texts[LETTERS.index(letter)] == rest:
                 return letter
             return None
         # Without choices, "a" and "i" are English words, not reliable letters.
@@ -97,7 +98,7 @@ def _option_from(segment: str, choice_texts: list[str]) -> str | None:
     norm = normalize_answer(segment)
     for i, text in enumerate(choice_texts):
         if text and norm == text:
-            return _LETTERS[i]
+            return LETTERS[i]
     padded = f" {norm} "
     named = {i for i, text in enumerate(choice_texts) if text and f" {text} " in padded}
     # Drop options contained in a longer named one ("red" inside "dark red").
@@ -105,7 +106,7 @@ def _option_from(segment: str, choice_texts: list[str]) -> str | None:
         i for i in named if not any(i != j and f" {choice_texts[i]} " in f" {choice_texts[j]} " for j in named)
     }
     if len(named) == 1:
-        return _LETTERS[named.pop()]
+        return LETTERS[named.pop()]
     return None
 
 
@@ -154,7 +155,7 @@ def extract_answer(text: str | None, choices: Sequence[str] | None = None) -> st
         return letter
     for match in _LETTER_ANYWHERE.finditer(segment):
         found = (match.group(1) or match.group(2)).upper()
-        if found in _LETTERS[: len(choice_texts)]:
+        if found in LETTERS[: len(choice_texts)]:
             return found
     return None
 

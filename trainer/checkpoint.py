@@ -23,7 +23,7 @@ from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, Qwen
 
 import vedas
 from vedas.configuration_vedas import SPECIAL_TOKENS, Vedas25Config, VedasConfig, VedasSettings
-from vedas.modeling_vedas import Vedas25ForConditionalGeneration, VedasForConditionalGeneration
+from vedas.modeling_vedas import VEDAS_MODULES, Vedas25ForConditionalGeneration, VedasForConditionalGeneration
 
 from .evaluation import DEFAULT_MAX_NEW_TOKENS
 
@@ -43,7 +43,7 @@ VEDAS_MODEL_TYPES = {
     VedasConfig.model_type: (VedasConfig, VedasForConditionalGeneration),
     Vedas25Config.model_type: (Vedas25Config, Vedas25ForConditionalGeneration),
 }
-VEDAS_MODULE_KEYS = ("depth_router", "depth_step_embed", "token_sr")
+VEDAS_MODULE_KEYS = VEDAS_MODULES  # the modules a base checkpoint lacks (one definition, in the model)
 SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
 # Pickle-based weights run arbitrary code on load; a checkpoint that has only these is refused.
 PICKLE_WEIGHTS_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -469,8 +469,9 @@ def check_overrides(overrides: dict) -> None:
             raise ValueError(f"unknown VedasConfig field {key!r}{hint}. Valid fields: {', '.join(OVERRIDABLE)}.")
 
 
-def add_special_tokens(processor, embedding_rows: int) -> dict[str, int]:
-    """Add the latent tokens to the tokenizer; returns `{name: id}`. Ids below `embedding_rows` reuse spare rows."""
+def add_special_tokens(processor) -> dict[str, int]:
+    """Add the latent tokens to the tokenizer; returns `{name: id}`. The ids follow the tokenizer's vocabulary, so
+    with a Qwen checkpoint's spare embedding rows they reuse those rows (`convert_base` resizes only if not)."""
     tokenizer = processor.tokenizer
     tokenizer.add_tokens(list(SPECIAL_TOKENS.values()), special_tokens=True)
     ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in SPECIAL_TOKENS.items()}
@@ -498,7 +499,7 @@ def convert_base(base_dir, out_dir, overrides: dict | None = None, overwrite: bo
 
     rows = base.get_input_embeddings().weight.shape[0]
     old_vocab = len(processor.tokenizer)
-    ids = add_special_tokens(processor, rows)
+    ids = add_special_tokens(processor)
     settings = base.config.to_dict()
     settings.pop("model_type", None)
     settings.pop("architectures", None)

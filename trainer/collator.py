@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import MAX_PIXELS, MIN_PIXELS, DataError, load_image, merge_steps
-from .prompting import build_prompt, format_answer, format_cot
+from .data import MAX_PIXELS, MIN_PIXELS, DataError, load_image, merge_steps, text_problem
+from .prompting import LETTERS, build_prompt, format_answer, format_cot
 
 __all__ = ["VedasCollator", "MODES"]
 
@@ -39,7 +39,6 @@ MODES = ("latent", "cot", "nocot")
 END_OF_TURN_TOKEN = "<|im_end|>"
 
 
-_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def _sample_id(sample: Mapping[str, Any], position: int) -> str:
@@ -196,21 +195,10 @@ class VedasCollator:
 
     # ------------------------------------------------------------------ one sample
     def _checked_text(self, value, sample_id, field, *, allow_empty=False) -> str:
-        if value is None:
-            raise DataError("missing required field", sample_id=sample_id, field=field)
-        if not isinstance(value, str):
-            raise DataError(
-                f"expected a string, got {type(value).__name__} {value!r:.80}", sample_id=sample_id, field=field
-            )
-        if not allow_empty and not value.strip():
-            raise DataError("empty string", sample_id=sample_id, field=field)
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as err:  # lone surrogates: the tokenizer would fail without naming the sample
-            raise DataError(
-                f"not valid Unicode: unpaired surrogate {value[err.start]!r} at character {err.start}",
-                sample_id=sample_id, field=field,
-            ) from None
+        """`value` if it is usable sample text (`text_problem`, the data adapters' rule) without control tokens."""
+        problem = text_problem(value, allow_empty=allow_empty)
+        if problem:
+            raise DataError(problem, sample_id=sample_id, field=field)
         for token in self._control_strings:
             if token in value:
                 raise DataError(
@@ -246,8 +234,8 @@ class VedasCollator:
             if not isinstance(choices, (list, tuple)):
                 raise DataError(f"expected a list of option texts or None, got {type(choices).__name__}",
                                 sample_id=sample_id, field="choices")
-            if len(choices) == 1 or len(choices) > len(_LETTERS):
-                raise DataError(f"expected no options or 2 to {len(_LETTERS)}, got {len(choices)}",
+            if len(choices) == 1 or len(choices) > len(LETTERS):
+                raise DataError(f"expected no options or 2 to {len(LETTERS)}, got {len(choices)}",
                                 sample_id=sample_id, field="choices")
             choices = [self._checked_text(choice, sample_id, f"choices[{i}]") for i, choice in enumerate(choices)]
             choices = choices or None  # an empty list means "no options", as in build_messages
@@ -256,8 +244,8 @@ class VedasCollator:
         if isinstance(answer, numbers.Integral) and not isinstance(answer, bool):
             answer = str(answer)  # short numeric answers ("3") may arrive as ints
         answer = self._checked_text(answer, sample_id, "answer").strip()
-        if choices is not None and (len(answer) != 1 or answer not in _LETTERS[: len(choices)]):
-            last = _LETTERS[len(choices) - 1]
+        if choices is not None and (len(answer) != 1 or answer not in LETTERS[: len(choices)]):
+            last = LETTERS[len(choices) - 1]
             raise DataError(
                 f"with {len(choices)} options the answer must be a letter A-{last}, got {answer!r:.80}",
                 sample_id=sample_id, field="answer",
@@ -307,7 +295,7 @@ class VedasCollator:
         return {"id": sample.get("id"), "question": question, "choices": choices, "answer": answer,
                 "steps": steps, "images": normalised}
 
-    def _target_text(self, sample, sample_id: str, stage: int) -> tuple[str, int]:
+    def _target_text(self, sample, stage: int) -> tuple[str, int]:
         """The supervised text after the prompt (or after `<|end_latent|>`) and T_row."""
         if self.mode == "nocot":
             return format_answer(sample["answer"]), 0
@@ -349,7 +337,7 @@ class VedasCollator:
                 f"Sample {sample_id!r}: its prompt is {len(prompt_ids)} tokens (images included), longer than "
                 f"max_length={self.max_length}. Raise max_length or lower the processor's max_pixels."
             )
-        target_text, slots = self._target_text(sample, sample_id, self.sample_stage(sample, position))
+        target_text, slots = self._target_text(sample, self.sample_stage(sample, position))
         block = self.config.latent_block_ids(num_steps=slots) if slots else []  # the layout's one definition
         target = self.tokenizer(target_text, add_special_tokens=False)["input_ids"] + [self.end_of_turn_id]
         if self.max_length is not None:

@@ -44,6 +44,8 @@ import pyarrow as pa
 from datasets.exceptions import DatasetGenerationError
 from PIL import ExifTags, Image, ImageOps
 
+from .prompting import LETTERS
+
 __all__ = [
     "ADAPTERS",
     "DataError",
@@ -85,7 +87,6 @@ MAX_DECODE_PIXELS = 2**27
 # were dropped or the dataset was shuffled.
 ROW_INDEX_COLUMN = "__vedas_row__"
 
-_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 class DataError(ValueError):
@@ -122,6 +123,24 @@ class DataError(ValueError):
         if self.field is not None:
             location = f"{location}, field {self.field!r}" if location else f"field {self.field!r}"
         return f"{location}: {self.reason}" if location else self.reason
+
+
+def text_problem(value, *, allow_empty: bool = False) -> str | None:
+    """Why `value` cannot be a text field, or None when it can: the one rule for sample text, shared by the data
+    adapters and the collator. Missing, not a string, empty (unless `allow_empty`), or not valid Unicode (Python
+    strings may hold unpaired UTF-16 surrogates, which json.loads accepts and tokenizers and Arrow refuse much later,
+    with errors that name neither the row nor the field)."""
+    if value is None:
+        return "missing required field"
+    if not isinstance(value, str):
+        return f"expected a string, got {type(value).__name__} {value!r:.80}"
+    if not allow_empty and not value.strip():
+        return "empty string"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"not valid Unicode: unpaired surrogate {value[err.start]!r} at character {err.start}"
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -468,14 +487,9 @@ class _RowReader:
         return DataError(reason, row=self.index, sample_id=self.sample_id, field=field)
 
     def _unicode(self, field: str, value: str) -> str:
-        # Python strings may hold unpaired UTF-16 surrogates (json.loads accepts "\\udcff"); tokenizers
-        # and Arrow refuse them much later, with errors that name neither the row nor the field.
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as err:
-            raise self.error(
-                field, f"not valid Unicode: unpaired surrogate {value[err.start]!r} at character {err.start}"
-            ) from None
+        problem = text_problem(value, allow_empty=True)  # a string here: only the Unicode check can fail
+        if problem:
+            raise self.error(field, problem)
         return value
 
     def has(self, field: str) -> bool:
@@ -487,21 +501,18 @@ class _RowReader:
             raise self.error(field, "missing required field")
         return value
 
-    def text(self, field: str) -> str:
-        value = self.get(field)
-        if not isinstance(value, str):
-            raise self.error(field, f"expected a string, got {type(value).__name__} {value!r}")
-        if not value.strip():
-            raise self.error(field, "empty string")
-        return self._unicode(field, value.strip())
+    def text(self, field: str, *, optional: bool = False) -> str:
+        """The field's text, stripped (`optional`: "" when missing, and may be empty)."""
+        value = self.row.get(field)
+        if optional and value is None:
+            return ""
+        problem = text_problem(value, allow_empty=optional)
+        if problem:
+            raise self.error(field, problem)
+        return value.strip()
 
     def optional_text(self, field: str) -> str:
-        value = self.row.get(field)
-        if value is None:
-            return ""
-        if not isinstance(value, str):
-            raise self.error(field, f"expected a string, got {type(value).__name__} {value!r}")
-        return self._unicode(field, value.strip())
+        return self.text(field, optional=True)
 
     def choices(self, field: str = "choices", *, required: bool = True) -> list[str] | None:
         value = self.row.get(field)
@@ -511,8 +522,8 @@ class _RowReader:
             return None
         if not isinstance(value, (list, tuple)):
             raise self.error(field, f"expected a list of option texts, got {type(value).__name__}")
-        if not 2 <= len(value) <= len(_LETTERS):
-            raise self.error(field, f"expected 2 to {len(_LETTERS)} options, got {len(value)}")
+        if not 2 <= len(value) <= len(LETTERS):
+            raise self.error(field, f"expected 2 to {len(LETTERS)} options, got {len(value)}")
         choices = []
         for i, choice in enumerate(value):
             if not isinstance(choice, str) or not choice.strip():
@@ -524,14 +535,14 @@ class _RowReader:
         value = self.get(field)
         if isinstance(value, str):
             stripped = value.strip()
-            if len(stripped) == 1 and stripped.upper() in _LETTERS:
+            if len(stripped) == 1 and stripped.upper() in LETTERS:
                 letter = stripped.upper()
-                if _LETTERS.index(letter) >= len(choices):
-                    last = _LETTERS[len(choices) - 1]
+                if LETTERS.index(letter) >= len(choices):
+                    last = LETTERS[len(choices) - 1]
                     raise self.error(field, f"answer {letter!r} is out of range for {len(choices)} choices (A-{last})")
                 return letter
             if allow_text and stripped in choices:
-                return _LETTERS[choices.index(stripped)]
+                return LETTERS[choices.index(stripped)]
         expected = "an option letter or the text of an option" if allow_text else "an option letter such as 'A'"
         raise self.error(field, f"expected {expected}, got {type(value).__name__} {value!r}")
 
@@ -650,7 +661,7 @@ def adapt_scienceqa(
     steps = split_steps(rationale)
     if not steps:
         raise r.error("lecture/solution", "empty rationale: lecture and solution are both empty")
-    return _sample(r.sample_id, [r.image("image")], question, choices, steps, _LETTERS[answer])
+    return _sample(r.sample_id, [r.image("image")], question, choices, steps, LETTERS[answer])
 
 
 def adapt_gqa(
@@ -774,7 +785,7 @@ def _split_chat_options(question: str) -> tuple[str, list[str] | None]:
     while start > 0 and _OPTION_LINE.match(lines[start - 1]):
         start -= 1
     letters = [_OPTION_LINE.match(line).group(1) for line in lines[start:]]
-    if len(letters) < 2 or letters != list(_LETTERS[: len(letters)]):
+    if len(letters) < 2 or letters != list(LETTERS[: len(letters)]):
         return question, None
     head = lines[:start]
     if head and head[-1].strip().rstrip(":").lower() in ("options", "choices"):
@@ -818,13 +829,13 @@ def adapt_chat(
     steps, answer = _split_chat_answer(r, reply, f"{field}[{assistant_index}]")
     if choices is not None:
         letter = re.fullmatch(r"\(?([A-Z])\)?(?:[.):]\s*.*)?", answer)
-        if letter and _LETTERS.index(letter.group(1)) < len(choices):
+        if letter and LETTERS.index(letter.group(1)) < len(choices):
             answer = letter.group(1)
         elif answer in choices:
-            answer = _LETTERS[choices.index(answer)]
+            answer = LETTERS[choices.index(answer)]
         else:
             raise r.error(f"{field}[{assistant_index}]", f"answer {answer!r} is neither an option letter "
-                                                          f"(A-{_LETTERS[len(choices) - 1]}) nor an option's text")
+                                                          f"(A-{LETTERS[len(choices) - 1]}) nor an option's text")
     return _sample(r.sample_id, images, question, choices, steps, answer)
 
 

@@ -22,18 +22,19 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-__all__ = ["ANSWER_PREFIX", "build_messages", "build_prompt", "format_answer", "format_choices", "format_cot"]
+__all__ = ["ANSWER_PREFIX", "LETTERS", "build_messages", "build_prompt", "format_answer", "format_choices", "format_cot"]
 
 ANSWER_PREFIX = "answer : "
 STEP_SEPARATOR = "\n\n"
-_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# option letters, in order: the one definition that prompts, data adapters, the collator and scoring use
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
 def format_choices(choices: Sequence[str]) -> str:
     """``options : A yellow , B green , C blue`` (the embedded task's style: punctuation as separate words)."""
-    if len(choices) > len(_LETTERS):
-        raise ValueError(f"at most {len(_LETTERS)} choices can be lettered, got {len(choices)}")
-    return "options : " + " , ".join(f"{_LETTERS[i]} {choice}" for i, choice in enumerate(choices))
+    if len(choices) > len(LETTERS):
+        raise ValueError(f"at most {len(LETTERS)} choices can be lettered, got {len(choices)}")
+    return "options : " + " , ".join(f"{LETTERS[i]} {choice}" for i, choice in enumerate(choices))
 
 
 def build_messages(question: str, choices: Sequence[str] | None = None, num_images: int = 1) -> list[dict[str, Any]]:

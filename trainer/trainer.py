@@ -32,6 +32,8 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainingArgu
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
+from vedas.modeling_vedas import VEDAS_MODULES
+
 from .collator import VedasCollator
 
 __all__ = [
@@ -50,8 +52,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# the modules Vedas adds to the backbone; fully trained (not LoRA-adapted) under PEFT
-VEDAS_MODULES = ("depth_router", "depth_step_embed", "token_sr")
+# the backbone projections LoRA adapts; VEDAS_MODULES (the modules Vedas adds) are trained in full under PEFT
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # tolerance when turning the float `state.epoch` into an epoch index (it is `epoch + step / steps_in_epoch`)
 _EPOCH_EPS = 1e-9
