@@ -151,3 +151,32 @@ def test_non_finite_gradient_norm_stops_training(vedas_dirs, tmp_path):
     assert raised.value.step == 2 and set(raised.value.components) == {"grad_norm"}
     assert checkpoint_steps(tmp_path) == [1]
     assert_finite_checkpoints(tmp_path)
+
+
+def test_collator_forward_generate_and_evaluation_share_one_latent_block(vedas_dirs):
+    """`config.latent_block_ids` is the layout's one definition: the collator's rows, `build_latent_layout`,
+    generate's compact output and evaluation's answer column all follow it."""
+    from vedas_trainer.collator import VedasCollator
+    from vedas_trainer.evaluation import _answer_start
+    from vedas_trainer.synthetic import build_synthetic_dataset
+
+    model, processor = load_vedas(vedas_dirs["qwen2_vl"])
+    cfg = model.config
+    block = cfg.latent_block_ids(num_steps=3)
+    assert block == [cfg.start_latent_token_id] + ([cfg.replay_token_id] * 4 + [cfg.latent_token_id]) * 3 + [
+        cfg.end_latent_token_id]
+    assert cfg.latent_block_ids(num_steps=2, num_replay_tokens=0, start=False) == [cfg.latent_token_id] * 2 + [
+        cfg.end_latent_token_id]
+
+    batch = VedasCollator(processor, cfg, stage=3, max_latent_stage=3)(build_synthetic_dataset(2, seed=0))
+    start = int((batch["input_ids"][0] == cfg.start_latent_token_id).nonzero())
+    for row in batch["input_ids"]:
+        assert row[start : start + len(block)].tolist() == block
+
+    inputs = make_inputs(processor, ["what colour ?"], [quadrant_image()])
+    ids, _, _ = model.build_latent_layout(inputs["input_ids"], inputs["attention_mask"], num_latent_steps=3)
+    assert ids[0, inputs["input_ids"].shape[1] :].tolist() == block[:-1]
+    out = model.generate(**inputs, num_latent_steps=3, max_new_tokens=2, do_sample=False)
+    compact = cfg.latent_block_ids(num_steps=3, num_replay_tokens=0)
+    answer = _answer_start(model, inputs["input_ids"], steps=3)
+    assert out[0, answer - len(compact) : answer].tolist() == compact
