@@ -331,6 +331,9 @@ class VedasMixin:
     _decoder_layer_class = None
 
     def _init_vedas_modules(self):
+        """The routing decoder layers (replacing the backbone's) and `token_sr`, from a validated config."""
+        # VedasSettings checks its fields when it is built and loaded; fields set on it since are checked here
+        self.config._finalize_vedas()
         text_config = self.config.text_config
         layers = self.model.language_model.layers
         for idx in range(len(layers)):

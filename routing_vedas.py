@@ -165,9 +165,8 @@ class VedasDecoderLayerMixin:
     """
 
     def _init_vedas(self, config, layer_idx: int, vedas_config):
-        # `from_pretrained(..., **overrides)` sets fields after the config ran its checks: check again before use
-        if hasattr(vedas_config, "_validate_vedas"):
-            vedas_config._validate_vedas()
+        """The layer's routing settings and, on routing layers, its `depth_router` and e(d) (`depth_step_embed`).
+        `vedas_config` was validated by the model that builds the layer (`VedasMixin._init_vedas_modules`)."""
         self.layer_idx = layer_idx
         self.is_routing_layer = layer_idx in vedas_config.routing_layers
         if self.is_routing_layer:

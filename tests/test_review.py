@@ -180,3 +180,15 @@ def test_collator_forward_generate_and_evaluation_share_one_latent_block(vedas_d
     compact = cfg.latent_block_ids(num_steps=3, num_replay_tokens=0)
     answer = _answer_start(model, inputs["input_ids"], steps=3)
     assert out[0, answer - len(compact) : answer].tolist() == compact
+
+
+def test_a_field_set_after_the_config_was_built_is_checked_by_the_model(vedas_dirs):
+    """The config checks its fields when built and loaded; one set on it later is checked once, when the model
+    is built from it (not by each decoder layer)."""
+    from vedas.configuration_vedas import VedasConfig
+    from vedas.modeling_vedas import VedasForConditionalGeneration
+
+    config = VedasConfig.from_pretrained(vedas_dirs["qwen2_vl"])
+    config.max_depth = True
+    with pytest.raises(ValueError, match=r"VedasConfig\.max_depth \(D\) must be an integer >= 1, got True"):
+        VedasForConditionalGeneration(config)
