@@ -775,8 +775,8 @@ class VedasMixin:
         over the hidden dimension of (token_sr(mean B(t)) - u_ref)^2 (docs/design.md, section 7)."""
         if not run.recon:
             return None
-        targets = self._recon_targets([(row, window) for row, window, _ in run.recon], run.visual.grids,
-                                      crop_images, dtype)
+        targets = self._recon_targets(requests=[(row, window) for row, window, _ in run.recon],
+                                      grids=run.visual.grids, crop_images=crop_images, dtype=dtype)
         predictions = self.token_sr(torch.stack([mean_replay for _, _, mean_replay in run.recon]))
         return nn.functional.mse_loss(predictions.float(), targets.float())
 
@@ -799,7 +799,8 @@ class VedasMixin:
         The loss is L = CE + λ · L_recon (`_recon_loss`). Returns a `VedasCausalLMOutput` with logits
         `(batch, l, vocab)`, or, with `return_hidden_only` (generate: the passes stop at z(T)), a `LatentPhase`.
         """
-        run = self._latent_run(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids, labels,
+        run = self._latent_run(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                               image_grid_thw=image_grid_thw, mm_token_type_ids=mm_token_type_ids, labels=labels,
                                crop_images=crop_images, num_replay_tokens=num_replay_tokens, use_cache=use_cache,
                                past_key_values=past_key_values, position_ids=position_ids, inputs_embeds=inputs_embeds,
                                generating=return_hidden_only, output_latent_trace=output_latent_trace)
@@ -858,7 +859,7 @@ class VedasMixin:
                                image_grid_thw=image_grid_thw, merge_size=cfg.vision_config.spatial_merge_size)
         self._warn_replay_shortage(visual=visual, num_replay=num_replay, slots=layout.slots, layout=layout)
         # labels too: a row without a latent block (stage 0 in a mixed batch) ends its prompt where supervision starts
-        prompt_mask = self._prompt_mask(input_ids, labels, mask.bool())
+        prompt_mask = self._prompt_mask(input_ids=input_ids, labels=labels, token_valid=mask.bool())
         # Such a row's prompt may run past the first pass, whose top-α would then see only part of it: recompute
         # the prefix at every pass instead, so that the last pass routes that row over its whole prompt (the same
         # rule as `generate`'s, which hands the cache to the answer loop and so never recomputes).
@@ -870,7 +871,8 @@ class VedasMixin:
         replay_on = layout.slots > 0 and visual.columns.shape[1] > 0
         return _LatentRun(
             layout=layout, num_replay=num_replay, embeds=embeds, mask=mask, visual=visual,
-            positions=self._latent_position_ids(input_ids, mask, mm_token_type_ids, image_grid_thw),
+            positions=self._latent_position_ids(input_ids=input_ids, attention_mask=mask,
+                                                mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw),
             visited=torch.zeros_like(visual.valid), prompt_mask=prompt_mask, prompt_lengths=prompt_mask.sum(-1),
             cache=(past_key_values or VedasCache(config=cfg.text_config)) if cached else None, replay_on=replay_on,
             compute_recon=(self.training and crop_images is not None and cfg.recon_weight > 0 and replay_on
@@ -898,8 +900,9 @@ class VedasMixin:
         when a latent step follows."""
         chunk = slice(begin if run.cache is not None else 0, end)
         state = self._routing_state(
-            run.mask[:, chunk].bool(), run.prompt_mask[:, chunk], key_valid=run.mask[:, :end].bool(),
-            record_scores=run.output_latent_trace, prompt_lengths=run.prompt_lengths,
+            token_valid=run.mask[:, chunk].bool(), prompt_mask=run.prompt_mask[:, chunk],
+            key_valid=run.mask[:, :end].bool(), record_scores=run.output_latent_trace,
+            prompt_lengths=run.prompt_lengths,
         )
         if run.replay_on and step < run.layout.num_steps:
             state.saliency_columns, state.saliency_valid = run.visual.columns, run.visual.valid
@@ -955,8 +958,8 @@ class VedasMixin:
         summed into one token with `replay_mode="soft_mix"`; marks them visited for the rows that have this step."""
         cfg = self.config
         saliency = state.saliency_sum / max(state.saliency_layers, 1)
-        selection = select_replay(saliency, run.visual.valid, run.visited, run.num_replay,
-                                  rescale=cfg.replay_scale == "rescaled")
+        selection = select_replay(saliency=saliency, candidate_mask=run.visual.valid, visited=run.visited,
+                                  k=run.num_replay, rescale=cfg.replay_scale == "rescaled")
         run.visited = torch.where(rows[:, None], selection.visited, run.visited)
         hidden = run.embeds.shape[-1]
         features = run.embeds.gather(1, run.visual.columns.unsqueeze(-1).expand(-1, -1, hidden))  # V: merger outputs
