@@ -183,3 +183,29 @@ def test_zero3_two_processes_across_stages(zero3_run, tmp_path):
     out, output = zero3_run
     _check_run(out, output)
     _generates(out / "checkpoint-final", tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ two machines, simulated
+
+
+def test_two_machines_on_loopback(tmp_path):
+    """examples/configs/multi_node.yaml as two one-process "machines" (--machine_rank 0 and 1) on 127.0.0.1: they
+    form one group of 2 (each its machine's local rank 0), train the same steps and end with the same weights."""
+    out, port = tmp_path / "run", _free_port()
+    command = ["accelerate", "launch", "--config_file", CONFIGS / "multi_node.yaml", "--num_processes", "2",
+               "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no", "--machine_rank"]
+    options = [TRAIN, "--quick", "--n_train", "32", "--output_dir", out, "--evaluate_after", "False"]
+    machines = [subprocess.Popen([str(c) for c in [*command, rank, *options]], cwd=REPO, env=_env(tmp_path),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    try:
+        outputs = [machine.communicate(timeout=TIMEOUT)[0] for machine in machines]
+    finally:
+        for machine in machines:
+            machine.kill()
+    for rank, (machine, output) in enumerate(zip(machines, outputs)):
+        assert machine.returncode == 0, f"machine {rank} exited {machine.returncode}:\n{output[-4000:]}"
+        assert re.search(rf"rank {rank} of world size 2 \(local rank 0,", output), output[-3000:]
+    checksums = {int(rank): (digest, int(step)) for output in outputs
+                 for rank, _, digest, step in CHECKSUM_LINE.findall(output)}
+    assert sorted(checksums) == [0, 1] and checksums[0] == checksums[1] and checksums[0][1] == 6
+    assert (out / "checkpoint-final" / "model.safetensors").is_file()
