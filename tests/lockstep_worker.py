@@ -1,11 +1,12 @@
 """One rank of tests/test_deepspeed.py's lockstep checks: `torchrun --nproc_per_node 2 lockstep_worker.py FOLDER OUT
-[--zero3]`.
+[--zero3 | --fsdp]`.
 
 Rank r trains on a batch of r + 1 latent steps, so the two ranks' batches need different numbers of latent passes.
 Each rank records, in call order, every module its training forward runs (what ZeRO-3 gathers weights for), the
 parameters its backward reaches, and its loss, alone (before joining the group) and in the group; it writes them
 to OUT/rank{r}.json. With --zero3 the group step is 2 training steps of a DeepSpeed ZeRO-3 engine instead (the
-weights partitioned across the ranks): their losses are recorded.
+weights partitioned across the ranks): their losses are recorded; with --fsdp 2 forward/backward passes of the
+model wrapped in torch FSDP (one unit per decoder layer), their losses and the full-weight checksum.
 """
 
 import json
@@ -71,7 +72,31 @@ def zero3_steps(model, batch, steps=2):
     return losses
 
 
-def main(folder, out, zero3=False):
+def fsdp_steps(model, batch, steps=2):
+    """`steps` forward/backward passes of the model in FSDP (FULL_SHARD over gloo, on the CPU)."""
+    import functools
+
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    from vedas.routing_vedas import Vedas25DecoderLayer, VedasDecoderLayer
+    from vedas_trainer.distributed import full_parameter_checksum
+
+    dist.init_process_group("gloo")
+    model.zero_grad(set_to_none=True)  # the gradients of the step alone: FSDP shards parameters, not them
+    policy = functools.partial(transformer_auto_wrap_policy,
+                               transformer_layer_cls={VedasDecoderLayer, Vedas25DecoderLayer})
+    wrapped = FullyShardedDataParallel(model, auto_wrap_policy=policy, device_id=torch.device("cpu"),
+                                       use_orig_params=True)
+    losses = []
+    for _ in range(steps):
+        loss = wrapped(**batch).loss
+        loss.backward()
+        losses.append(loss.item())
+    return losses, full_parameter_checksum(wrapped)[1]
+
+
+def main(folder, out, zero3=False, fsdp=False):
     rank, world = int(__import__("os").environ["RANK"]), int(__import__("os").environ["WORLD_SIZE"])
     torch.manual_seed(0)
     model, processor = load_vedas(folder)
@@ -82,6 +107,11 @@ def main(folder, out, zero3=False):
     record = {"alone": dict(zip(("calls", "reached", "loss", "logits"), alone))}
     if zero3:
         record["zero3_losses"] = zero3_steps(model, batch)
+    elif fsdp:
+        from vedas_trainer.distributed import full_parameter_checksum
+
+        record["checksum"] = full_parameter_checksum(model)[1]
+        record["fsdp_losses"], record["fsdp_checksum"] = fsdp_steps(model, batch)
     else:
         dist.init_process_group("gloo", rank=rank, world_size=world)
         record["together"] = dict(zip(("calls", "reached", "loss", "logits"), traced_step(model, batch)))
@@ -91,4 +121,4 @@ def main(folder, out, zero3=False):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], zero3="--zero3" in sys.argv[3:])
+    main(sys.argv[1], sys.argv[2], zero3="--zero3" in sys.argv[3:], fsdp="--fsdp" in sys.argv[3:])

@@ -85,6 +85,15 @@ def test_ranks_with_different_latent_step_counts_run_the_same_modules(vedas_dirs
     assert together[0]["logits"][1] < together[1]["logits"][1]  # the batches really differ in length
 
 
+def test_fsdp_ranks_with_different_latent_step_counts_agree(vedas_dirs, tmp_path):
+    """torch FSDP (FULL_SHARD, a unit per decoder layer) over gloo on the CPU: batches of 1 and 2 latent steps run
+    without a hang and keep their losses; the full-weight checksum taken through FSDP is the unsharded model's."""
+    ranks = _lockstep_ranks(vedas_dirs, tmp_path, "--fsdp")
+    for rank in ranks:
+        assert rank["fsdp_losses"] == pytest.approx([rank["alone"]["loss"]] * 2, rel=1e-5)
+        assert rank["fsdp_checksum"] == rank["checksum"]
+
+
 # ------------------------------------------------------------------------------------------------- DeepSpeed runs
 
 

@@ -1,4 +1,4 @@
-"""Training under DeepSpeed ZeRO-3 (and any data-parallel engine): whole models, full-size weights, shared checks.
+"""Training under DeepSpeed ZeRO-3 or FSDP (and any data-parallel engine): whole models, full-size weights.
 
 Under ZeRO-3 every rank holds a slice of each weight (`param.ds_shape` is the real shape, `param.shape` is 0) and a
 module's weights are gathered from all ranks while it runs. So:
@@ -9,6 +9,8 @@ module's weights are gathered from all ranks while it runs. So:
 * a checksum or a saved checkpoint needs the gathered weights (:func:`full_parameter_checksum`,
   :func:`gathered_state_dict`), and every rank must take part in the gathering;
 * a model that runs on one rank alone (the final evaluation) is a whole copy (:func:`whole_copy`).
+
+FSDP shards the same way (flat parameters per wrapped unit): :func:`is_partitioned` and the checksum cover it too.
 """
 
 from __future__ import annotations
@@ -46,8 +48,27 @@ def param_shape(param: torch.Tensor) -> torch.Size:
     return getattr(param, "ds_shape", None) or param.shape
 
 
+def _fsdp_modules(model) -> list:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return [module for module in model.modules() if isinstance(module, FullyShardedDataParallel)]
+
+
 def is_partitioned(model) -> bool:
-    return any(hasattr(param, "ds_id") for param in model.parameters())
+    """Whether ZeRO-3 or FSDP shards the model's weights across ranks (then every rank must run its forwards)."""
+    return any(hasattr(param, "ds_id") for param in model.parameters()) or bool(_fsdp_modules(model))
+
+
+@contextlib.contextmanager
+def _fsdp_full_params(model):
+    """The full weights of an FSDP-wrapped model inside (every rank must enter); a no-op for other models."""
+    if not _fsdp_modules(model):
+        yield
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(model, writeback=False, recurse=True):
+        yield
 
 
 @contextlib.contextmanager
@@ -66,15 +87,18 @@ def gathered(params):
 
 def full_parameter_checksum(model) -> tuple[float, str, int]:
     """(sum of |p|, sha256 of the raw bytes, number of values) over all parameters in name order, on the full
-    weights: data-parallel ranks must agree. Under ZeRO-3 every rank must call it (one gather per parameter)."""
+    weights: data-parallel ranks must agree. Under ZeRO-3 or FSDP every rank must call it (it gathers); the names
+    are the model's own (without FSDP's wrapper prefixes), so the digest is the one of the same weights unsharded."""
     digest, total, count = hashlib.sha256(), 0.0, 0
-    for name, param in sorted(model.named_parameters()):
-        with gathered([param]):
-            data = param.detach().cpu().contiguous().reshape(-1)
-            digest.update(name.encode())
-            digest.update(data.view(torch.uint8).numpy().tobytes())
-            total += data.double().abs().sum().item()
-            count += data.numel()
+    with _fsdp_full_params(model):
+        named = sorted((name.replace("_fsdp_wrapped_module.", ""), param) for name, param in model.named_parameters())
+        for name, param in named:
+            with gathered([param]):
+                data = param.detach().to("cpu", copy=True).reshape(-1)  # a copy: FSDP frees the gathered storage
+                digest.update(name.encode())
+                digest.update(data.view(torch.uint8).numpy().tobytes())
+                total += data.double().abs().sum().item()
+                count += data.numel()
     return total, digest.hexdigest(), count
 
 
