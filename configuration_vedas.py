@@ -222,12 +222,14 @@ class VedasSettings:
     replay_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
+        """The backbone config's set-up, then the Vedas defaults and checks; a misspelt Vedas key warns."""
         _warn_misspelt(kwargs)
         super().__post_init__(**kwargs)
         self._finalize_vedas()
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
+        """The backbone's `from_dict`, with the overrides (`from_pretrained(dir, **overrides)`) checked too."""
         # `from_pretrained(dir, **overrides)` sets the overrides after `__init__` ran the checks: run them again
         _warn_misspelt({key: value for key, value in kwargs.items() if key not in config_dict})
         result = super().from_dict(config_dict, **kwargs)
@@ -333,6 +335,7 @@ class VedasSettings:
         return self.routing_topk
 
     def special_token_ids(self) -> dict[str, int | None]:
+        """`{"start_latent": id, "latent": id, "end_latent": id, "replay": id}` (None before conversion)."""
         return {name: getattr(self, f"{name}_token_id") for name in SPECIAL_TOKENS}
 
 

@@ -345,6 +345,7 @@ class VedasMixin:
         self._routing_prompt_length = None  # set by generate while it decodes without a cache
 
     def _init_weights(self, module):
+        """The backbone's init, and e(d) = `depth_gate_init` (0 by default: the converted model is its base)."""
         super()._init_weights(module)
         if isinstance(module, DepthStepEmbedding):
             init.constant_(module.weight, self.config.depth_gate_init)
@@ -362,6 +363,7 @@ class VedasMixin:
 
     # ------------------------------------------------------------------ helpers
     def _warn_once(self, key: str, message: str):
+        """Warn `message` the first time this model meets `key` (no image, few visual tokens, ...)."""
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, stacklevel=3)
@@ -419,6 +421,8 @@ class VedasMixin:
         return self.config.routing == "global" and bool(self.config.routing_layers)
 
     def _check_cache(self, past_key_values):
+        """Refuse a cache routing cannot use: not a `VedasCache` with routing layers, or a filled one under
+        `routing="global"`."""
         if past_key_values is None:
             return
         if self.config.routing_layers and not isinstance(past_key_values, VedasCache):
@@ -1327,7 +1331,7 @@ class VedasMixin:
         return pixel_values[index.to(pixel_values.device)], image_grid_thw[images]
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
-        # latent layouts derive their positions inside forward
+        """None for a latent layout (forward derives its positions), else the backbone's."""
         if self._has_latent_slots(model_kwargs.get("input_ids", inputs_tensor)):
             return None
         return super()._prepare_position_ids_for_generation(inputs_tensor, model_kwargs)

@@ -44,25 +44,30 @@ class VedasCache(DynamicCache):
         self.routing_thresholds = {}
         self.routing_positions = {}
 
-    # generate's batch operations (beam search, contrastive search) must move the routing state with the rows
     def _map_routing_batch(self, fn):
+        """Apply `fn` to the batch dimension of the routing state too: generate's batch operations (beam search,
+        contrastive search) must move it with the rows."""
         self.routing_kv = {key: tuple(fn(t) for t in value) for key, value in self.routing_kv.items()}
         self.routing_thresholds = {key: fn(value) for key, value in self.routing_thresholds.items()}
         self.routing_positions = {key: fn(value) for key, value in self.routing_positions.items()}
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
+        """Reorder the rows (beam search), the routing state with them."""
         super().reorder_cache(beam_idx)
         self._map_routing_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int):
+        """Repeat each row `repeats` times (beams, `num_return_sequences`), the routing state with them."""
         super().batch_repeat_interleave(repeats)
         self._map_routing_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices: torch.Tensor):
+        """Keep the rows `indices`, the routing state with them."""
         super().batch_select_indices(indices)
         self._map_routing_batch(lambda t: t[indices])
 
     def crop(self, tokens_to_remove: int):
+        """Crop as `DynamicCache` does, refused once routing layers hold second-pass keys."""
         if self.routing_kv and tokens_to_remove != 0:
             raise NotImplementedError(
                 "VedasCache cannot be cropped once routing layers hold second-pass keys (assisted / speculative "
@@ -83,6 +88,7 @@ class _SecondPassKV:
         self.new_valid = None
 
     def update(self, key_states, value_states, layer_idx=None, *args, **kwargs):
+        """The second pass's keys and values after the earlier ones, recorded (with their validity) in the store."""
         if self.past is not None:
             key_states = torch.cat([self.past[0], key_states], dim=2)
             value_states = torch.cat([self.past[1], value_states], dim=2)
