@@ -582,10 +582,11 @@ def build_trainer(model_args, args, model, processor, train_dataset, eval_datase
     if model_args.lora:
         from peft import get_peft_model
 
-        model = get_peft_model(model, lora_config_for(
-            model, r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
-            target_modules=tuple(model_args.lora_target_modules.split(",")),
-        ))
+        with outside_zero3_init():  # whole until the Trainer partitions it (PEFT's own ZeRO-3 path is CUDA-only)
+            model = get_peft_model(model, lora_config_for(
+                model, r=model_args.lora_r, alpha=model_args.lora_alpha, dropout=model_args.lora_dropout,
+                target_modules=tuple(model_args.lora_target_modules.split(",")),
+            ))
     metrics = {} if eval_dataset is None else {
         "eval_dataset": eval_dataset, "compute_metrics": answer_accuracy_metrics(processor.tokenizer),
         "preprocess_logits_for_metrics": preprocess_logits_for_metrics}

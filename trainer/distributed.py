@@ -114,13 +114,13 @@ def whole_copy(model, state_dict: dict[str, torch.Tensor]):
     Raises if a weight is missing or unexpected."""
     dtype = next(iter(state_dict.values())).dtype
     base = model.get_base_model() if hasattr(model, "peft_config") else model
-    with outside_zero3_init():
+    with outside_zero3_init():  # whole (PEFT too: its own ZeRO-3 path is CUDA-only)
         copy = type(base)._from_config(base.config, dtype=dtype)
-    copy.generation_config = base.generation_config
-    if hasattr(model, "peft_config"):
-        from peft import get_peft_model
+        copy.generation_config = base.generation_config
+        if hasattr(model, "peft_config"):
+            from peft import get_peft_model
 
-        copy = get_peft_model(copy, model.peft_config[model.active_adapter])
+            copy = get_peft_model(copy, model.peft_config[model.active_adapter])
     missing, unexpected = copy.load_state_dict(state_dict, strict=False)
     tied = _tied_names(copy)
     missing = [key for key in missing if key not in tied]
