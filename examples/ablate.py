@@ -22,6 +22,7 @@ Variants (`--variants`, comma-separated names or the groups all, core, sweeps; `
     no_curriculum         --skip_curriculum True                  (every step latent from the first latent epoch)
     sequential_positions  replay_positions = "sequential"
     soft_mix              replay_mode = "soft_mix"
+    literal_eq11          depth_residual = "literal"              (Eq. 11 as printed, every token scaled by 1 + e(d))
     K<k>, W<w>, alpha<a>  num_replay_tokens, window_size, routing_topk swept over --sweep_k / --sweep_window /
                           --sweep_alpha
 

@@ -57,6 +57,7 @@ CORE = (
             ("--skip_curriculum", "True")),
     Variant("sequential_positions", "replay slots at sequential positions", {"replay_positions": "sequential"}),
     Variant("soft_mix", "replay as one soft-mixed token", {"replay_mode": "soft_mix"}),
+    Variant("literal_eq11", "Eq. 11 as printed: every token scaled by 1 + e(d)", {"depth_residual": "literal"}),
 )
 
 
