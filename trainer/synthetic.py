@@ -1,4 +1,4 @@
-"""The embedded procedural task: "follow the arrows" (DESIGN.md section 4).
+"""The embedded procedural task: "follow the arrows" (docs/design.md, "The embedded default").
 
 Each image is an N x N grid of 28 px cells. With Qwen2-VL's 14 px patches and 2 x 2 merge, one cell
 is exactly one merged visual token, so reading a cell is close to a lookup and a ~2 M parameter
@@ -22,7 +22,7 @@ experiment showed that a CoT naming the colour only at the end is not learned re
 
 With ``n_moves`` moves there are ``n_moves + 1`` steps (the default 2-3 moves gives 3-4 steps, within
 the curriculum's ``max_latent_stage`` of 4). Steps are returned as a list; the collator joins them
-with blank lines, as DESIGN.md 1.3 expects.
+with blank lines, as the curriculum expects (docs/design.md, "Curriculum").
 
 Optional distractors are small dots/squares centred on grid-line points, so they overlap the corners
 or edges of several cells (and so several visual tokens) without ever covering an arrow. They carry
