@@ -128,7 +128,7 @@ def train(folder: Path, steps: int, cpu: bool):
     batch = 8
     args = VedasTrainingArguments(
         output_dir=str(folder / "train"), max_steps=steps, per_device_train_batch_size=batch, learning_rate=1e-5,
-        cot_warmup_epochs=0, epochs_per_stage=1, max_latent_stage=STEPS, bf16=not cpu, use_cpu=cpu,
+        cot_warmup_epochs=0, skip_curriculum=True, max_latent_stage=STEPS, bf16=not cpu, use_cpu=cpu,
         logging_steps=max(steps // 4, 1), save_strategy="no", report_to="none", dataloader_num_workers=0)
     model, processor = load_vedas(folder / "vedas")
     collator = TokenCounter(VedasCollator(processor, model.config, **args.collator_kwargs()))

@@ -2,12 +2,13 @@
 
 * Lockstep (no DeepSpeed needed): two gloo ranks whose batches need 1 and 2 latent steps run the same modules in
   the same order (what ZeRO-3 gathers weights for), reach the same parameters in backward, and keep the loss each
-  computes alone.
+  computes alone; the same under torch FSDP (over gloo) and under a DeepSpeed ZeRO-3 engine.
 * ZeRO-2 and ZeRO-3: `accelerate launch` of examples/train.py with 2 processes, across the curriculum's stage
   boundaries (CoT warm-up, stage 1, stage 2), each checked for: the same full-weight checksum on both ranks, one
   optimizer shard per rank, a `checkpoint-final` without an empty tensor whose weights have that checksum, and an
   `AutoModel` load (trust_remote_code) that generates. DeepSpeed JIT-compiles its CPU communication op at the first
   run (a C++ compiler and ninja are needed, 2-3.5 minutes once, cached under ~/.cache/torch_extensions).
+* Two machines: examples/configs/multi_node.yaml as two one-process machines on 127.0.0.1.
 """
 
 import importlib.util
