@@ -110,6 +110,29 @@ needs_deepspeed = pytest.mark.skipif(_deepspeed_missing() is not None, reason=st
 
 
 @needs_deepspeed
+def test_outside_zero3_init_turns_zero3_off_and_back():
+    """What accelerate registers under ZeRO-3 (transformers' HfDeepSpeedConfig) makes every model built inside
+    transformers' init an empty partition; `outside_zero3_init` turns it off for the block and back on after."""
+    from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+
+    from vedas_trainer.distributed import outside_zero3_init, param_shape
+
+    registered = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    try:
+        assert is_deepspeed_zero3_enabled()
+        with outside_zero3_init():
+            assert not is_deepspeed_zero3_enabled()
+            layer = torch.nn.Linear(3, 2)
+        assert is_deepspeed_zero3_enabled()
+    finally:
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        del registered
+    assert param_shape(layer.weight) == (2, 3)
+
+
+@needs_deepspeed
 def test_zero3_ranks_with_different_latent_step_counts_train(vedas_dirs, tmp_path):
     """Two ZeRO-3 steps on batches of 1 and 2 latent steps: no hang (without the lockstep, gloo aborts on a
     collective mismatch, NCCL hangs), and each rank's loss is the one it computes alone on the whole model."""
