@@ -87,33 +87,40 @@ def load(folder: Path, device, dtype, attention):
 
 
 def equiv(folder: Path, device):
-    """Latent forward logits: sdpa vs eager (fp32), bf16 vs fp32 (sdpa), flash-attention-2 vs sdpa (bf16). PASS: the
-    relative L2 error within the tolerance and, for bf16, >= 95% arg-max agreement (bf16 may flip a discrete choice,
-    a replayed token or a routed one, whose effect then runs through the later passes)."""
+    """Latent forward logits: sdpa vs eager (fp32), bf16 vs fp32 (sdpa), flash-attention-2 vs sdpa (bf16), as the
+    relative L2 error over the prompt and answer columns (the replay and latent slots are inputs, not predictions).
+    Also printed: the latent steps whose replayed tokens are the same. With random weights the saliency has near
+    ties, which bf16's rounding may break the other way; a different replayed token then changes what follows."""
     runs = [("eager", torch.float32), ("sdpa", torch.float32), ("sdpa", torch.bfloat16)]
     if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
         runs.append(("flash_attention_2", torch.bfloat16))
-    logits = {}
+    results = {}
     for attention, dtype in runs:
         model, processor = load(folder, device, dtype, attention)
+        batch = latent_batch(model, processor, device)
+        slots = torch.isin(batch["input_ids"], torch.tensor([model.config.replay_token_id, model.config.latent_token_id],
+                                                              device=device))
         with torch.no_grad():
-            logits[attention, dtype] = model(**latent_batch(model, processor, device)).logits.float().cpu()
+            out = model(**batch, output_latent_trace=True)
+        results[attention, dtype] = (out.logits.float()[~slots].cpu(), [step["replay_indices"].cpu()
+                                                                          for step in out.latent_trace])
         del model
     checks = [("sdpa vs eager, fp32", ("sdpa", torch.float32), ("eager", torch.float32), 1e-4),
-              ("bf16 vs fp32, sdpa", ("sdpa", torch.bfloat16), ("sdpa", torch.float32), 1e-1)]
-    if ("flash_attention_2", torch.bfloat16) in logits:
+              ("bf16 vs fp32, sdpa", ("sdpa", torch.bfloat16), ("sdpa", torch.float32), 5e-2)]
+    if ("flash_attention_2", torch.bfloat16) in results:
         checks.append(("flash-attention-2 vs sdpa, bf16", ("flash_attention_2", torch.bfloat16),
-                       ("sdpa", torch.bfloat16), 1e-1))
+                       ("sdpa", torch.bfloat16), 5e-2))
     else:
         print("flash-attention-2: not installed (or no CUDA): skipped")
     failed = 0
     for name, a, b, tolerance in checks:
-        error = ((logits[a] - logits[b]).norm() / logits[b].norm().clamp(min=1e-12)).item()
-        agree = (logits[a].argmax(-1) == logits[b].argmax(-1)).float().mean().item()
-        ok = error <= tolerance and agree >= 0.95
-        failed += not ok
-        print(f"{name}: relative L2 error of the logits {error:.2e} (tolerance {tolerance:g}), arg-max agreement "
-              f"{100 * agree:.1f}% -> {'PASS' if ok else 'FAIL'}")
+        (logits_a, picks_a), (logits_b, picks_b) = results[a], results[b]
+        error = ((logits_a - logits_b).norm() / logits_b.norm().clamp(min=1e-12)).item()
+        same = sum(torch.equal(x, y) for x, y in zip(picks_a, picks_b))
+        failed += error > tolerance
+        print(f"{name}: relative L2 error of the prompt and answer logits {error:.2e} (tolerance {tolerance:g}) -> "
+              f"{'PASS' if error <= tolerance else 'FAIL'}; the same replayed tokens at {same} of {len(picks_b)} "
+              f"latent steps")
     return failed
 
 
