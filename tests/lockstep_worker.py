@@ -1,7 +1,8 @@
 """One rank of tests/test_deepspeed.py's lockstep checks: `torchrun --nproc_per_node 2 lockstep_worker.py FOLDER OUT
 [--zero3 | --fsdp]`.
 
-Rank r trains on a batch of r + 1 latent steps, so the two ranks' batches need different numbers of latent passes.
+Rank r trains on a batch of 1 + 2r latent steps, so the two ranks' batches need different numbers of latent passes
+(and rank 0's columns run out before rank 1's last pass: it gains masked columns).
 Each rank records, in call order, every module its training forward runs (what ZeRO-3 gathers weights for), the
 parameters its backward reaches, and its loss, alone (before joining the group) and in the group; it writes them
 to OUT/rank{r}.json. With --zero3 the group step is 2 training steps of a DeepSpeed ZeRO-3 engine instead (the
@@ -102,7 +103,7 @@ def main(folder, out, zero3=False, fsdp=False):
     model, processor = load_vedas(folder)
     perturb_vedas(model, check_init=False)
     model.train()
-    batch = training_batch(model, processor, steps=rank + 1, seed=3 + rank)
+    batch = training_batch(model, processor, steps=1 + 2 * rank, seed=3 + rank)
     alone = traced_step(model, batch)
     record = {"alone": dict(zip(("calls", "reached", "loss", "logits"), alone))}
     if zero3:

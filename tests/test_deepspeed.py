@@ -1,6 +1,6 @@
 """Data-parallel ranks in lockstep, and real 2-process DeepSpeed ZeRO-2 / ZeRO-3 training runs.
 
-* Lockstep (no DeepSpeed needed): two gloo ranks whose batches need 1 and 2 latent steps run the same modules in
+* Lockstep (no DeepSpeed needed): two gloo ranks whose batches need 1 and 3 latent steps run the same modules in
   the same order (what ZeRO-3 gathers weights for), reach the same parameters in backward, and keep the loss each
   computes alone; the same under torch FSDP (over gloo) and under a DeepSpeed ZeRO-3 engine.
 * ZeRO-2 and ZeRO-3: `accelerate launch` of examples/train.py with 2 processes, across the curriculum's stage
@@ -87,7 +87,7 @@ def test_ranks_with_different_latent_step_counts_run_the_same_modules(vedas_dirs
 
 
 def test_fsdp_ranks_with_different_latent_step_counts_agree(vedas_dirs, tmp_path):
-    """torch FSDP (FULL_SHARD, a unit per decoder layer) over gloo on the CPU: batches of 1 and 2 latent steps run
+    """torch FSDP (FULL_SHARD, a unit per decoder layer) over gloo on the CPU: batches of 1 and 3 latent steps run
     without a hang and keep their losses; the full-weight checksum taken through FSDP is the unsharded model's."""
     ranks = _lockstep_ranks(vedas_dirs, tmp_path, "--fsdp")
     for rank in ranks:
@@ -134,7 +134,7 @@ def test_outside_zero3_init_turns_zero3_off_and_back():
 
 @needs_deepspeed
 def test_zero3_ranks_with_different_latent_step_counts_train(vedas_dirs, tmp_path):
-    """Two ZeRO-3 steps on batches of 1 and 2 latent steps: no hang (without the lockstep, gloo aborts on a
+    """Two ZeRO-3 steps on batches of 1 and 3 latent steps: no hang (without the lockstep, gloo aborts on a
     collective mismatch, NCCL hangs), and each rank's loss is the one it computes alone on the whole model."""
     ranks = _lockstep_ranks(vedas_dirs, tmp_path, "--zero3")
     for rank in ranks:
