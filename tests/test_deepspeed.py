@@ -218,6 +218,27 @@ def test_zero3_two_processes_across_stages(zero3_run, tmp_path):
     _generates(out / "checkpoint-final", tmp_path)
 
 
+# ------------------------------------------------------------------------------------- FSDP and multi-node configs
+
+
+def test_fsdp_and_multi_node_configs_parse():
+    """accelerate reads fsdp.yaml as FSDP1 wrapping the Vedas decoder layers (classes that exist), and
+    multi_node.yaml as 2 machines of a 16-process job, machine 0 by default."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    import vedas.routing_vedas as routing
+
+    fsdp = load_config_from_file(str(CONFIGS / "fsdp.yaml"))
+    assert fsdp.distributed_type.value == "FSDP" and fsdp.num_processes == 8
+    assert str(fsdp.fsdp_config["fsdp_version"]) == "1"
+    assert fsdp.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    layers = fsdp.fsdp_config["fsdp_transformer_layer_cls_to_wrap"].split(",")
+    assert layers and all(isinstance(getattr(routing, name, None), type) for name in layers), layers
+    nodes = load_config_from_file(str(CONFIGS / "multi_node.yaml"))
+    assert nodes.distributed_type.value == "MULTI_GPU" and nodes.num_machines == 2 and nodes.num_processes == 16
+    assert nodes.machine_rank == 0 and nodes.rdzv_backend == "static"
+
+
 # ------------------------------------------------------------------------------------------ two machines, simulated
 
 
