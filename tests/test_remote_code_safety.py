@@ -55,6 +55,11 @@ FORBIDDEN_APIS = (
     "transformers.utils.hub", "transformers.file_utils", "transformers.dynamic_module_utils",
     "transformers.pipelines", "transformers.trainer",
 )
+# The collectives on a process group the training launcher already made: data-parallel ranks agree on how many
+# latent passes to run (ZeRO-3 would hang otherwise). Nothing here opens a connection or starts a process.
+ALLOWED_DISTRIBUTED = frozenset({"torch.distributed.is_available", "torch.distributed.is_initialized",
+                                 "torch.distributed.get_world_size", "torch.distributed.all_reduce",
+                                 "torch.distributed.ReduceOp.MAX"})
 # Functions that download, load code by name or read files, whatever path they are reached by.
 FORBIDDEN_NAMES = frozenset({"cached_file", "cached_files", "hf_hub_download", "snapshot_download", "download_url",
                              "get_class_from_dynamic_module", "get_cached_module_file", "load_library"})
@@ -162,6 +167,8 @@ class RemoteCodeChecker(ast.NodeVisitor):
         parts = dotted.split(".")
         if forbidden := [p for p in parts if p in FORBIDDEN_MODULES]:
             self.report(node, f"reaches the module {forbidden[0]!r} (file, process, network or import access)")
+        elif dotted in ALLOWED_DISTRIBUTED:  # whole chains only: a bare `torch.distributed` stays forbidden
+            return
         elif api := next((a for a in FORBIDDEN_APIS if dotted == a or dotted.startswith(a + ".")), None):
             self.report(node, f"uses {api} (file I/O, network, native code or processes)")
         elif parts[-1] in FORBIDDEN_NAMES:
@@ -451,6 +458,9 @@ PLANTED = [
     ("from torch import load as restore", "torch.load"),
     ("state = torch.load('weights.pt')", "torch.load"),
     ("model = torch.hub.load('org/repo', 'net')", "torch.hub"),
+    ("torch.distributed.init_process_group('gloo')", "torch.distributed"),
+    ("group = torch.distributed", "torch.distributed"),
+    ("torch.distributed.broadcast(tensor, 0)", "torch.distributed"),
     ("weights = torch.from_file('weights.raw', size=4)", ".from_file()"),
     ("torch.os.system('true')", "module 'os'"),
     ("fn = getattr(torch, 'load')", "torch.load"),
