@@ -109,6 +109,7 @@ def test_variants_reach_train_py_as_options(monkeypatch, tmp_path):
     assert parsed("alpha3")[2]["routing_topk"] == 3 and parsed("alpha0.5")[2]["routing_topk"] == 0.5
     assert parsed("sequential_positions")[2]["replay_positions"] == "sequential"
     assert parsed("soft_mix")[2]["replay_mode"] == "soft_mix" and parsed("K4")[0].num_replay_tokens == 4
+    assert parsed("literal_eq11")[2]["depth_residual"] == "literal"
 
 
 def test_select_variants():
@@ -116,7 +117,7 @@ def test_select_variants():
     assert [v.name for v in select_variants("no_rds", variants)] == ["full", "no_rds"]  # full always, first
     assert [v.name for v in select_variants("sweeps", variants)] == ["full", "K1", "K4", "W1", "W3", "alpha0.125",
                                                                      "alpha0.5"]
-    assert len(select_variants("all", variants)) == len(variants) == 13
+    assert len(select_variants("all", variants)) == len(variants) == 14
     assert [v.name for v in select_variants("core,no_rds", variants)][:3] == ["full", "no_rds", "no_scfvr"]
     with pytest.raises(ValueError, match="unknown variant 'fast'"):
         select_variants("full,fast", variants)
