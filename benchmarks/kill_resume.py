@@ -36,7 +36,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,6 +48,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from transformers.trainer_utils import get_last_checkpoint
+
+from vedas_trainer.testing import child_env, free_port
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,20 +78,8 @@ def steps_per_epoch(n_train: int) -> int:
     return -(-n_train // (PER_DEVICE_BATCH * WORLD_SIZE))
 
 
-def child_env(scratch: Path) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items()
-           # a harness started under torchrun/accelerate must not leak its rendezvous into the children
-           if not key.startswith(("ACCELERATE_", "TORCHELASTIC_"))
-           and key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               MPLBACKEND="Agg", HF_MODULES_CACHE=str(scratch / "hf_modules"), PYTHONNOUSERSITE="1")
-    return env
 
 
-def free_port() -> int:
-    with socket.socket() as s:  # another distributed job may hold accelerate's default port 29500
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------------ process trees

@@ -13,10 +13,8 @@
 
 import importlib.util
 import json
-import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 from safetensors import safe_open
 
 from vedas_trainer.checkpoint import load_vedas
+from vedas_trainer.testing import child_env, free_port
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = REPO / "examples" / "train.py"
@@ -35,25 +34,14 @@ CHECKSUM_LINE = re.compile(r"rank (\d+) parameter checksum ([0-9.]+) sha256 ([0-
 TIMEOUT = 600
 
 
-def _env(tmp_path):
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("ACCELERATE_", "TORCHELASTIC_"))
-           and key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               MPLBACKEND="Agg", HF_MODULES_CACHE=str(tmp_path / "hf_modules"), DS_ACCELERATOR="cpu")
-    return env
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run(command, tmp_path, log_name):
     try:
-        result = subprocess.run([str(c) for c in command], cwd=REPO, env=_env(tmp_path), capture_output=True,
-                                text=True, timeout=TIMEOUT)
+        result = subprocess.run([str(c) for c in command], cwd=REPO, env=child_env(tmp_path, DS_ACCELERATOR="cpu"),
+                                capture_output=True, text=True, timeout=TIMEOUT)
     except subprocess.TimeoutExpired as err:
         pytest.fail(f"{log_name} did not finish in {TIMEOUT} s (ranks out of step?):\n{str(err.output)[-4000:]}")
     output = result.stdout + result.stderr
@@ -68,7 +56,7 @@ def _run(command, tmp_path, log_name):
 def _lockstep_ranks(vedas_dirs, tmp_path, *options):
     out = tmp_path / "ranks"
     out.mkdir()
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port(),
           REPO / "tests" / "lockstep_worker.py", vedas_dirs["qwen2_vl"], out, *options], tmp_path, "lockstep")
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -147,7 +135,7 @@ def _deepspeed_run(tmp_path_factory, stage):
     out = tmp / "run"
     # 32 samples, 8 per rank: 2 steps per epoch; the CoT warm-up, then stages 1 and 2 (6 steps)
     output = _run(["accelerate", "launch", "--config_file", CONFIGS / f"deepspeed_zero{stage}.yaml",
-                   "--num_processes", "2", "--main_process_port", _free_port(), TRAIN, "--quick", "--n_train", "32",
+                   "--num_processes", "2", "--main_process_port", free_port(), TRAIN, "--quick", "--n_train", "32",
                    "--output_dir", out, "--save_total_limit", "3"], tmp, f"zero{stage}")
     return out, output
 
@@ -245,11 +233,12 @@ def test_fsdp_and_multi_node_configs_parse():
 def test_two_machines_on_loopback(tmp_path):
     """examples/configs/multi_node.yaml as two one-process "machines" (--machine_rank 0 and 1) on 127.0.0.1: they
     form one group of 2 (each its machine's local rank 0), train the same steps and end with the same weights."""
-    out, port = tmp_path / "run", _free_port()
+    out, port = tmp_path / "run", free_port()
     command = ["accelerate", "launch", "--config_file", CONFIGS / "multi_node.yaml", "--num_processes", "2",
                "--main_process_ip", "127.0.0.1", "--main_process_port", port, "--mixed_precision", "no", "--machine_rank"]
     options = [TRAIN, "--quick", "--n_train", "32", "--output_dir", out, "--evaluate_after", "False"]
-    machines = [subprocess.Popen([str(c) for c in [*command, rank, *options]], cwd=REPO, env=_env(tmp_path),
+    env = child_env(tmp_path, DS_ACCELERATOR="cpu")
+    machines = [subprocess.Popen([str(c) for c in [*command, rank, *options]], cwd=REPO, env=env,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     try:
         outputs = [machine.communicate(timeout=TIMEOUT)[0] for machine in machines]

@@ -14,9 +14,7 @@ Each launch is run once per module (fixtures) and the tests read its outputs.
 import importlib.util
 import json
 import math
-import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +25,7 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from vedas_trainer.checkpoint import check_checkpoint_folder
+from vedas_trainer.testing import child_env, free_port
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,20 +57,12 @@ def _train_module():
     return module
 
 
-def _env(tmp_path):
-    env = {key: value for key, value in os.environ.items()
-           # a pytest started under torchrun/accelerate must not leak its rendezvous into the children
-           if not key.startswith(("ACCELERATE_", "TORCHELASTIC_"))
-           and key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               MPLBACKEND="Agg", HF_MODULES_CACHE=str(tmp_path / "hf_modules"), PYTHONNOUSERSITE="1")
-    return env
 
 
 def _run(command, tmp_path, log_name):
     """Runs a command from the repository root; fails the test with the output's tail when it exits non-zero."""
-    result = subprocess.run([str(c) for c in command], cwd=REPO, env=_env(tmp_path), capture_output=True, text=True,
-                            timeout=TIMEOUT)
+    result = subprocess.run([str(c) for c in command], cwd=REPO, env=child_env(tmp_path),
+                            capture_output=True, text=True, timeout=TIMEOUT)
     output = result.stdout + result.stderr
     (tmp_path / f"{log_name}.log").write_text(output)
     assert result.returncode == 0, f"{' '.join(map(str, command))} exited {result.returncode}:\n{output[-6000:]}"
@@ -82,10 +73,6 @@ def _train(out, tmp_path, *args, log_name="train"):
     return _run([sys.executable, TRAIN, "--quick", "--output_dir", out, *args], tmp_path, log_name)
 
 
-def _free_port():
-    with socket.socket() as s:  # another distributed job may hold accelerate's default port 29500
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _trainer_checkpoints(out):
@@ -208,7 +195,7 @@ def ddp_run(tmp_path_factory):
     out = tmp / "run"
     # MULTI_GPU -> torchrun with 2 workers; no GPU visible -> gloo. (`--cpu --num_processes 2` would start ONE.)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", CONFIGS / "multi_cpu_gloo.yaml",
-               "--main_process_port", _free_port(), TRAIN, "--quick", "--evaluate_after", "false",
+               "--main_process_port", free_port(), TRAIN, "--quick", "--evaluate_after", "false",
                "--output_dir", out]
     output = _run(command, tmp, "ddp")
     return out, output

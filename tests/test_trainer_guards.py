@@ -10,7 +10,6 @@ turn their outputs into NaN or inf at a chosen step, and the model computes its 
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from vedas_trainer.checkpoint import load_vedas
 from vedas_trainer.collator import VedasCollator
 from vedas_trainer.synthetic import build_synthetic_dataset
 from vedas_trainer.trainer import CHECKPOINT_STAGING_DIR, NonFiniteLossError, VedasTrainer, VedasTrainingArguments
+from vedas_trainer.testing import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 # 2 samples, batch 1, one epoch per stage: steps 1-2 at stage 0 (CE only), steps 3-4 at stage 1 (latent steps,
@@ -163,10 +163,6 @@ def test_best_model_checkpoint_points_at_the_published_folder(vedas_dirs, datase
 # ----------------------------------------------------------------------------------------- 2 processes (gloo)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun workers with gloo")
@@ -178,7 +174,7 @@ def test_nan_on_one_rank_stops_every_rank_before_the_checkpoint(vedas_dirs, tmp_
            and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(REPO / "examples" / "configs" / "multi_cpu_gloo.yaml"), "--main_process_port", str(_free_port()),
+               str(REPO / "examples" / "configs" / "multi_cpu_gloo.yaml"), "--main_process_port", str(free_port()),
                __file__, str(vedas_dirs["qwen2_vl"]), str(tmp_path / "run")]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr

@@ -17,7 +17,8 @@ import pytest
 import torch
 import yaml
 
-from test_train_entrypoint import CONFIGS, REPO, TIMEOUT, TRAIN, _env, _free_port, _run, _train_module
+from test_train_entrypoint import CONFIGS, REPO, TIMEOUT, TRAIN, _run, _train_module
+from vedas_trainer.testing import child_env, free_port
 
 
 RECIPE = CONFIGS / "recipe_m3cot.yaml"
@@ -130,8 +131,8 @@ def test_data_error_is_one_line_from_a_real_process(tmp_path):
     rows = _m3cot_rows(tmp_path)
     command = [sys.executable, TRAIN, "--dataset", rows, "--dataset_format", "gqa", "--output_dir", tmp_path / "run",
                "--use_cpu", "true"]
-    result = subprocess.run([str(c) for c in command], cwd=REPO, env=_env(tmp_path), capture_output=True, text=True,
-                            timeout=TIMEOUT)
+    result = subprocess.run([str(c) for c in command], cwd=REPO, env=child_env(tmp_path),
+                            capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "train.py: error: row 0 (id 'm3-0'), field 'choices': the gqa format does not read" in result.stderr
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
@@ -147,7 +148,7 @@ THREADS_LINE = re.compile(r"CPU threads per process: (\d+) \((.*)\)")
 def _threads_under_accelerate(tmp_path, launch_options=("--num_processes", "1"), omp=None):
     """torch.get_num_threads() that train.py logs under a plain `accelerate launch` (1 process, no config file).
     The run stops at argument checking, right after the threads are set."""
-    env = {**_env(tmp_path), "HF_HOME": str(tmp_path / "hf_home")}
+    env = {**child_env(tmp_path), "HF_HOME": str(tmp_path / "hf_home")}
     env.pop("OMP_NUM_THREADS")
     if omp is not None:
         env["OMP_NUM_THREADS"] = str(omp)
@@ -175,7 +176,7 @@ def test_accelerate_launch_uses_the_cores_unless_the_user_chose(tmp_path):
     threads, reason, _ = _threads_under_accelerate(tmp_path, omp=1)
     assert (threads, reason) == (1, "OMP_NUM_THREADS=1 set by the user")
     # two processes through torchrun: the cores are shared, and torchrun's failure summary names the error
-    two = ["--config_file", CONFIGS / "multi_cpu_gloo.yaml", "--main_process_port", _free_port()]
+    two = ["--config_file", CONFIGS / "multi_cpu_gloo.yaml", "--main_process_port", free_port()]
     threads, reason, stderr = _threads_under_accelerate(tmp_path, two)
     assert threads == max(cores // 2, 1) and reason.startswith(f"{cores} cores // 2 local process"), reason
     assert "traceback : UsageError: --dataset: no such data file: 'missing.jsonl'" in stderr
@@ -268,7 +269,7 @@ def test_evaluate_arguments_and_data_errors_are_one_line(vedas_dirs, tmp_path, c
         code, err = _evaluate(argv, capsys)
         assert code == 2 and message in err, err
     result = subprocess.run([sys.executable, REPO / "examples" / "evaluate.py", vedas_dirs["qwen2_vl"], "--data", rows,
-                             "--format", "gqa", "--out", tmp_path / "out"], cwd=REPO, env=_env(tmp_path),
+                             "--format", "gqa", "--out", tmp_path / "out"], cwd=REPO, env=child_env(tmp_path),
                             capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "evaluate.py: error: row 0 (id 'm3-0'), field 'choices': the gqa format does not read" in result.stderr

@@ -2,6 +2,9 @@
 values for the Vedas modules (with the default depth_gate_init = 0, e(d) = 0 makes routing depth scaling a
 no-op)."""
 
+import os
+import socket
+
 import torch
 from PIL import Image
 
@@ -78,3 +81,23 @@ def eager_saliency(model, inputs):
         ).attentions
     visual = (ids[0] == model.config.image_token_id).nonzero().squeeze(1)
     return torch.stack([m[0, :, -1, visual].float().mean(0) for m in maps]).mean(0)
+
+
+def child_env(scratch, **overrides) -> dict[str, str]:
+    """The environment for a child training process (train.py under accelerate/torchrun): one thread, offline, its
+    own remote-code module cache under `scratch`, and none of this process's rendezvous variables (a pytest or
+    harness started under torchrun/accelerate must not leak them into its children)."""
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("ACCELERATE_", "TORCHELASTIC_"))
+           and key not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+               MPLBACKEND="Agg", HF_MODULES_CACHE=str(os.path.join(scratch, "hf_modules")), PYTHONNOUSERSITE="1")
+    env.update(overrides)
+    return env
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (another distributed job may hold accelerate's default port 29500)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
