@@ -23,7 +23,9 @@ import offline_guard  # noqa: E402
 import pytest
 
 from vedas_trainer.checkpoint import convert_base, load_vedas  # noqa: F401 (re-exported for the tests)
-from vedas_trainer.testing import make_inputs, no_eos, perturb_vedas, quadrant_image, two_prompts  # noqa: F401
+from vedas_trainer.testing import (  # noqa: F401 (for the tests)
+    answer_log_probs, make_inputs, no_eos, perturb_vedas, quadrant_image, two_prompts,
+)
 from vedas_trainer.tiny_base import build_tiny_base
 
 

@@ -43,6 +43,25 @@ def no_eos(model):
     return {"suppress_tokens": eos if isinstance(eos, list) else [eos]}
 
 
+def answer_log_probs(model, inputs, sequences, num_new):
+    """Teacher-forced log-probabilities of the last `num_new` tokens of each compact sequence `(batch * n, l)` (n per
+    prompt, in prompt order), from latent forwards of the expanded layout: `(batch * n, num_new)`."""
+    batch, prompt = inputs["input_ids"].shape
+    extra = sequences.shape[1] - prompt
+    mask = torch.cat([inputs["attention_mask"], torch.ones(batch, extra, dtype=torch.long)], 1)
+    types = torch.cat([inputs["mm_token_type_ids"], torch.zeros(batch, extra, dtype=torch.int)], 1)
+    rows = sequences.view(batch, -1, sequences.shape[1])
+    result = []
+    for copy in range(rows.shape[1]):  # one forward per returned sequence of each prompt, with the prompts' images
+        ids, layout_mask, layout_types = model.expand_latent_sequences(rows[:, copy], mask, types)
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=layout_mask, mm_token_type_ids=layout_types,
+                           pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"]).logits
+        log_probs = logits[:, -num_new - 1 : -1].float().log_softmax(-1)
+        result.append(log_probs.gather(-1, ids[:, -num_new:, None]).squeeze(-1))
+    return torch.stack(result, 1).flatten(0, 1)
+
+
 def perturb_vedas(model, seed=0, gate=0.5, check_init=True):
     """Give the router and e(d) non-trivial values so that routing really changes the outputs.
 

@@ -25,7 +25,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from conftest import BACKBONES, make_inputs, no_eos, perturb_vedas, quadrant_image, two_prompts
+from conftest import BACKBONES, answer_log_probs, make_inputs, no_eos, perturb_vedas, quadrant_image, two_prompts
 from vedas import configuration_vedas
 from vedas.configuration_vedas import TRANSFORMERS_RANGE, check_transformers_version, transformers_requirement
 
@@ -59,39 +59,6 @@ def remote(request, compat_dirs):
     model, processor = load_remote(compat_dirs[request.param][1])
     assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
     return perturb_vedas(model), processor
-
-
-def answer_log_probs(model, inputs, sequences, answer_length):
-    """Teacher-forced log-probabilities `(rows, answer_length)` of the last `answer_length` tokens of generate's
-    compact sequences, from one latent forward over their layout (R replay slots before each `<|latent|>`)."""
-    cfg = model.config
-    slots = model._replay_slots(cfg.num_replay_tokens)
-    rows = []
-    for row in sequences.tolist():
-        layout = []
-        for token in row:
-            layout.extend([cfg.replay_token_id] * slots if token == cfg.latent_token_id else [])
-            layout.append(token)
-        rows.append(layout)
-    ids = torch.tensor(rows)
-    repeat = ids.shape[0] // inputs["input_ids"].shape[0]
-    prompt = inputs["input_ids"].shape[1]
-    extra = ids.shape[1] - prompt
-    mask = torch.cat([inputs["attention_mask"].repeat_interleave(repeat, 0), torch.ones(ids.shape[0], extra).long()], 1)
-    types = inputs["mm_token_type_ids"].repeat_interleave(repeat, 0)
-    types = torch.cat([types, torch.zeros(ids.shape[0], extra, dtype=types.dtype)], 1)
-    pixel_rows, grids = [], []  # one image per prompt here: repeat each prompt's patches and grid for its rows
-    ends = inputs["image_grid_thw"].prod(-1).cumsum(0).tolist()
-    for sample, (start, end) in enumerate(zip([0] + ends[:-1], ends)):
-        pixel_rows += [inputs["pixel_values"][start:end]] * repeat
-        grids += [inputs["image_grid_thw"][sample]] * repeat
-    with torch.no_grad():
-        logits = model(
-            input_ids=ids, attention_mask=mask, mm_token_type_ids=types, pixel_values=torch.cat(pixel_rows),
-            image_grid_thw=torch.stack(grids),
-        ).logits
-    log_probs = logits[:, -answer_length - 1 : -1].float().log_softmax(-1)
-    return log_probs.gather(-1, ids[:, -answer_length:, None]).squeeze(-1)
 
 
 def test_this_transformers_is_the_one_under_test():
@@ -198,7 +165,6 @@ def test_beam_search_with_latent_steps(remote):
     assert torch.equal(cached.sequences, uncached.sequences)
     forced = answer_log_probs(model, inputs, cached.sequences, 3)
     torch.testing.assert_close(cached.sequences_scores, forced.sum(-1), atol=1e-4, rtol=1e-4)
-
 
 
 def test_no_deprecated_cache_name(remote):
