@@ -457,7 +457,7 @@ CHAT_BAD_ROWS = {
     "roles": (chat_row(messages=[{"role": "user", "content": "q"}]), "messages", "one user then one assistant"),
     "bad_role": (chat_row(messages=[{"role": "bot", "content": "q"}]), "messages[0]", "'role' one of"),
     "letter_out_of_range": (chat_row(user="<image>Colour?\nA. red\nB. blue", reply="It is red.\nAnswer: C"),
-                            "messages[1]", "neither an option letter (A-B)"),
+                            "messages[1]", "answer 'C' is out of range for 2 choices (A-B)"),
     "question_field": (chat_row(question="Colour?"), "question", "the chat format does not read"),
     "missing_image": (chat_row(images=["nope.png"]), "images[0]", "image file not found"),
 }
@@ -700,7 +700,7 @@ def test_scienceqa_answer_as_string_is_rejected(tmp_path):
 def test_onethinker_answer_must_name_an_option(tmp_path):
     save_image(tmp_path / "a.png")
     row = {"question": "q", "choices": ["red", "blue"], "answer": "green", "steps": ["s"], "image": "a.png"}
-    with pytest.raises(DataError, match=r"row 5 .*field 'answer'.*option letter or the text of an option"):
+    with pytest.raises(DataError, match=r"row 5 .*field 'answer': answer 'green' is neither an option letter \(A-B\) nor the text of an option"):
         adapt_onethinker(row, 5, image_root=tmp_path)
     assert adapt_onethinker({**row, "answer": "blue"}, 5, image_root=tmp_path)["answer"] == "B"
 

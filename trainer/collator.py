@@ -20,7 +20,6 @@ targets are right-padded. Steps are merged to ``max_latent_stage`` chunks with :
 from __future__ import annotations
 
 import logging
-import numbers
 import random
 from typing import Any, Mapping, Sequence
 
@@ -28,8 +27,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .data import MAX_PIXELS, MIN_PIXELS, DataError, load_image, merge_steps, text_problem
-from .prompting import LETTERS, build_prompt, format_answer, format_cot
+from .data import MAX_PIXELS, MIN_PIXELS, load_image, merge_steps
+from .prompting import build_prompt, format_answer, format_cot
+from .samples import DataError, SampleCheck
 
 __all__ = ["VedasCollator", "MODES"]
 
@@ -43,7 +43,7 @@ END_OF_TURN_TOKEN = "<|im_end|>"
 
 def _sample_id(sample: Mapping[str, Any], position: int) -> str:
     sample_id = sample.get("id") if isinstance(sample, Mapping) else None
-    return str(sample_id) if sample_id is not None else f"<batch position {position}>"
+    return str(sample_id) if sample_id not in (None, "") else f"<batch position {position}>"
 
 
 def _size_field(size, name: str):
@@ -194,106 +194,33 @@ class VedasCollator:
         return self.stage
 
     # ------------------------------------------------------------------ one sample
-    def _checked_text(self, value, sample_id, field, *, allow_empty=False) -> str:
-        """`value` if it is usable sample text (`text_problem`, the data adapters' rule) without control tokens."""
-        problem = text_problem(value, allow_empty=allow_empty)
-        if problem:
-            raise DataError(problem, sample_id=sample_id, field=field)
-        for token in self._control_strings:
-            if token in value:
-                raise DataError(
-                    f"contains the special token {token!r}, which the tokenizer would read as a control token",
-                    sample_id=sample_id, field=field,
-                )
-        return value
+    def _normalised_image(self, image, *, field: str) -> Image.Image:
+        """A PIL image handed in with a sample, as the processor needs it: RGB, first frame, sides >= 28 px, aspect
+        <= 200, within the collator's pixel bounds (a no-op for images from `load_vedas_dataset`)."""
+        if not isinstance(image, Image.Image):
+            raise DataError(
+                f"expected a PIL image, got {type(image).__name__} {image!r:.80} (decode paths and bytes with "
+                f"vedas_trainer.data.load_image or load the data with load_vedas_dataset)",
+                field=field,
+            )
+        return load_image(image, field=field, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
 
     def _checked_sample(self, sample, position: int) -> dict[str, Any]:
         """A validated copy of one sample with its images normalised; DataError naming the sample and field.
 
-        Samples from `load_vedas_dataset` already pass these checks; the collator repeats them because it also
-        takes hand-made samples (evaluation sets, the synthetic task, user code), where a wrong type would
-        otherwise fail deep inside the tokenizer or image processor, or, worse, train on something silently
-        wrong (a steps string split into characters, an answer of None rendered as "None").
+        The rules are `SampleCheck`'s (`vedas_trainer.samples`), the ones the data adapters apply to raw rows, so a
+        sample from `load_vedas_dataset` passes; the collator applies them again because it also takes hand-made
+        samples (evaluation sets, the synthetic task, user code), where a wrong type would otherwise fail deep
+        inside the tokenizer or image processor, or, worse, train on something silently wrong (a steps string split
+        into characters, an answer of None rendered as "None"). On top, it refuses the tokenizer's control-token
+        strings inside text.
         """
+        check = SampleCheck(sample_id=f"<batch position {position}>", control_strings=self._control_strings)
         if not isinstance(sample, Mapping):
-            raise DataError(
-                f"expected a sample dict, got {type(sample).__name__}", sample_id=f"<batch position {position}>"
-            )
-        sample_id = sample.get("id")
-        if sample_id is not None:
-            # the id seeds the uniform_prob draws (random.Random hashes its UTF-8 bytes) and names the sample
-            if isinstance(sample_id, bool) or not isinstance(sample_id, (str, numbers.Integral)):
-                raise DataError(f"expected a string or integer id, got {type(sample_id).__name__} {sample_id!r:.80}",
-                                sample_id=f"<batch position {position}>", field="id")
-            self._checked_text(str(sample_id), f"<batch position {position}>", "id", allow_empty=True)
-        sample_id = _sample_id(sample, position)
-        question = self._checked_text(sample.get("question"), sample_id, "question")
-
-        choices = sample.get("choices")
-        if choices is not None:
-            if not isinstance(choices, (list, tuple)):
-                raise DataError(f"expected a list of option texts or None, got {type(choices).__name__}",
-                                sample_id=sample_id, field="choices")
-            if len(choices) == 1 or len(choices) > len(LETTERS):
-                raise DataError(f"expected no options or 2 to {len(LETTERS)}, got {len(choices)}",
-                                sample_id=sample_id, field="choices")
-            choices = [self._checked_text(choice, sample_id, f"choices[{i}]") for i, choice in enumerate(choices)]
-            choices = choices or None  # an empty list means "no options", as in build_messages
-
-        answer = sample.get("answer")
-        if isinstance(answer, numbers.Integral) and not isinstance(answer, bool):
-            answer = str(answer)  # short numeric answers ("3") may arrive as ints
-        answer = self._checked_text(answer, sample_id, "answer").strip()
-        if choices is not None and (len(answer) != 1 or answer not in LETTERS[: len(choices)]):
-            last = LETTERS[len(choices) - 1]
-            raise DataError(
-                f"with {len(choices)} options the answer must be a letter A-{last}, got {answer!r:.80}",
-                sample_id=sample_id, field="answer",
-            )
-
-        steps = []
-        if self.mode != "nocot":  # the No-CoT baseline never reads the steps
-            steps = sample.get("steps")
-            # a str is iterable: list("abc") would silently train three one-character steps
-            if not isinstance(steps, (list, tuple)):
-                raise DataError(f"expected a list of step strings, got {type(steps).__name__}",
-                                sample_id=sample_id, field="steps")
-            steps = [
-                self._checked_text(step, sample_id, f"steps[{i}]", allow_empty=True)
-                for i, step in enumerate(steps)
-            ]
-            steps = [step for step in steps if step.strip()]  # blank steps would become empty latent chunks
-            if not steps:
-                raise DataError(
-                    f"empty steps list: mode {self.mode!r} needs at least one reasoning step (fix or drop the row, "
-                    f"or train the No-CoT baseline with mode='nocot')",
-                    sample_id=sample_id, field="steps",
-                )
-
-        images = sample.get("images")
-        if images is None:
-            images = []
-        elif isinstance(images, Image.Image):
-            images = [images]
-        elif not isinstance(images, (list, tuple)):
-            raise DataError(f"expected a list of PIL images, got {type(images).__name__}",
-                            sample_id=sample_id, field="images")
-        normalised = []
-        for i, image in enumerate(images):
-            if not isinstance(image, Image.Image):
-                raise DataError(
-                    f"expected a PIL image, got {type(image).__name__} {image!r:.80} (decode paths and bytes with "
-                    f"vedas_trainer.data.load_image or load the data with load_vedas_dataset)",
-                    sample_id=sample_id, field=f"images[{i}]",
-                )
-            try:  # RGB, first frame, sides >= 28 px, aspect <= 200: what the processor needs; a no-op otherwise
-                normalised.append(load_image(image, field=f"images[{i}]", min_pixels=self.min_pixels,
-                                             max_pixels=self.max_pixels))
-            except DataError as err:
-                err.sample_id = sample_id
-                raise
-        return {"id": sample.get("id"), "question": question, "choices": choices, "answer": answer,
-                "steps": steps, "images": normalised}
+            raise check.error(None, f"expected a sample dict, got {type(sample).__name__}")
+        check.sample_id = check.identifier(sample.get("id")) or check.sample_id
+        # the No-CoT baseline never reads the steps
+        return check.sample(sample, self._normalised_image, need_steps=self.mode != "nocot")
 
     def _target_text(self, sample, stage: int) -> tuple[str, int]:
         """The supervised text after the prompt (or after `<|end_latent|>`) and T_row."""

@@ -45,6 +45,7 @@ from datasets.exceptions import DatasetGenerationError
 from PIL import ExifTags, Image, ImageOps
 
 from .prompting import LETTERS
+from .samples import DataError, SampleCheck, text_problem
 
 __all__ = [
     "ADAPTERS",
@@ -87,60 +88,6 @@ MAX_DECODE_PIXELS = 2**27
 # were dropped or the dataset was shuffled.
 ROW_INDEX_COLUMN = "__vedas_row__"
 
-
-
-class DataError(ValueError):
-    """A dataset row that cannot be turned into a sample, or a data file whose rows cannot be read.
-
-    ``str(err)`` reads ``row 12 (id 'q-12'), field 'image': image file not found: '/data/x.png'``;
-    the parts are also available as ``err.row`` (the row index in the source), ``err.sample_id``,
-    ``err.field`` and ``err.reason``.
-    """
-
-    def __init__(
-        self,
-        reason: str,
-        *,
-        row: int | None = None,
-        sample_id: str | None = None,
-        field: str | None = None,
-    ):
-        # Only `reason` goes to args: BaseException pickles as cls(*args) plus __dict__, which keeps
-        # the keyword-only context across processes (datasets.map(num_proc=...), DataLoader workers).
-        super().__init__(reason)
-        self.reason = reason
-        self.row = row
-        self.sample_id = sample_id
-        self.field = field
-
-    def __str__(self) -> str:
-        where = []
-        if self.row is not None:
-            where.append(f"row {self.row}")
-        if self.sample_id is not None:
-            where.append(f"(id {self.sample_id!r})" if where else f"id {self.sample_id!r}")
-        location = " ".join(where)
-        if self.field is not None:
-            location = f"{location}, field {self.field!r}" if location else f"field {self.field!r}"
-        return f"{location}: {self.reason}" if location else self.reason
-
-
-def text_problem(value, *, allow_empty: bool = False) -> str | None:
-    """Why `value` cannot be a text field, or None when it can: the one rule for sample text, shared by the data
-    adapters and the collator. Missing, not a string, empty (unless `allow_empty`), or not valid Unicode (Python
-    strings may hold unpaired UTF-16 surrogates, which json.loads accepts and tokenizers and Arrow refuse much later,
-    with errors that name neither the row nor the field)."""
-    if value is None:
-        return "missing required field"
-    if not isinstance(value, str):
-        return f"expected a string, got {type(value).__name__} {value!r:.80}"
-    if not allow_empty and not value.strip():
-        return "empty string"
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        return f"not valid Unicode: unpaired surrogate {value[err.start]!r} at character {err.start}"
-    return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -461,36 +408,32 @@ ImageLoader = Callable[..., Image.Image]
 
 
 class _RowReader:
-    """Typed access to the fields of one raw row; every failure is a DataError naming row, id, field."""
+    """Typed access to the fields of one raw row. The field rules are `SampleCheck`'s, the ones the collator applies
+    to samples (`vedas_trainer.samples`); every failure is a DataError naming row, id and field."""
 
     def __init__(self, row: Mapping[str, Any], index: int | None, id_fields: Sequence[str], image_loader: ImageLoader):
+        self.check = SampleCheck(row=index)
         if not isinstance(row, Mapping):
-            raise DataError(f"expected a row mapping field names to values, got {type(row).__name__}", row=index)
+            raise self.check.error(None, f"expected a row mapping field names to values, got {type(row).__name__}")
         self.row, self.index, self.image_loader = row, index, image_loader
-        self.sample_id = None
         for name in id_fields:
-            value = row.get(name)
-            if value is None or value == "":
-                continue
-            # The id seeds the curriculum's per-sample draws and names the sample in every error, so it has
-            # to be a stable scalar; str() of a dict or a float would "work" and hide a broken column.
-            if isinstance(value, bool) or not isinstance(value, (str, numbers.Integral)):
-                raise self.error(name, f"expected a string or integer id, got {type(value).__name__} {value!r}")
-            self.sample_id = self._unicode(name, str(value))
-            break
+            sample_id = self.check.identifier(row.get(name), name)
+            if sample_id is not None:
+                break
         else:
             if index is None:
                 raise self.error(id_fields[0], "missing required field (and no row index to fall back on)")
-            self.sample_id = str(index)
+            sample_id = str(index)
+        self.check.sample_id = self.sample_id = sample_id
 
     def error(self, field: str, reason: str) -> DataError:
-        return DataError(reason, row=self.index, sample_id=self.sample_id, field=field)
+        return self.check.error(field, reason)
 
     def _unicode(self, field: str, value: str) -> str:
-        problem = text_problem(value, allow_empty=True)  # a string here: only the Unicode check can fail
-        if problem:
-            raise self.error(field, problem)
-        return value
+        return self.check.text(value, field, allow_empty=True, strip=False)
+
+    def _load(self, value, *, field: str) -> Image.Image:
+        return self.image_loader(value, row=self.index, field=field)
 
     def has(self, field: str) -> bool:
         return self.row.get(field) is not None
@@ -506,85 +449,32 @@ class _RowReader:
         value = self.row.get(field)
         if optional and value is None:
             return ""
-        problem = text_problem(value, allow_empty=optional)
-        if problem:
-            raise self.error(field, problem)
-        return value.strip()
+        return self.check.text(value, field, allow_empty=optional)
 
     def optional_text(self, field: str) -> str:
         return self.text(field, optional=True)
 
     def choices(self, field: str = "choices", *, required: bool = True) -> list[str] | None:
-        value = self.row.get(field)
-        if value is None or (not required and isinstance(value, (list, tuple)) and len(value) == 0):
-            if required:
-                raise self.error(field, "missing required field")
-            return None
-        if not isinstance(value, (list, tuple)):
-            raise self.error(field, f"expected a list of option texts, got {type(value).__name__}")
-        if not 2 <= len(value) <= len(LETTERS):
-            raise self.error(field, f"expected 2 to {len(LETTERS)} options, got {len(value)}")
-        choices = []
-        for i, choice in enumerate(value):
-            if not isinstance(choice, str) or not choice.strip():
-                raise self.error(field, f"option {i} must be a non-empty string, got {choice!r}")
-            choices.append(self._unicode(field, choice.strip()))
-        return choices
+        return self.check.choices(self.row.get(field), field, required=required)
 
     def letter_answer(self, choices: list[str], field: str = "answer", *, allow_text: bool = False) -> str:
-        value = self.get(field)
-        if isinstance(value, str):
-            stripped = value.strip()
-            if len(stripped) == 1 and stripped.upper() in LETTERS:
-                letter = stripped.upper()
-                if LETTERS.index(letter) >= len(choices):
-                    last = LETTERS[len(choices) - 1]
-                    raise self.error(field, f"answer {letter!r} is out of range for {len(choices)} choices (A-{last})")
-                return letter
-            if allow_text and stripped in choices:
-                return LETTERS[choices.index(stripped)]
-        expected = "an option letter or the text of an option" if allow_text else "an option letter such as 'A'"
-        raise self.error(field, f"expected {expected}, got {type(value).__name__} {value!r}")
+        return self.check.answer(self.row.get(field), choices, field, allow_text=allow_text)
 
     def steps(self, *, list_field: str | None = None, text_field: str | None = None) -> list[str]:
         """Steps from a list field if present, else from splitting a rationale text field."""
         if list_field is not None and self.has(list_field):
-            value, field = self.row[list_field], list_field
-            if not isinstance(value, (list, tuple)):
-                raise self.error(field, f"expected a list of step strings, got {type(value).__name__}")
-            for i, step in enumerate(value):
-                if not isinstance(step, str):
-                    raise self.error(field, f"step {i} must be a string, got {type(step).__name__}")
-                self._unicode(field, step)
-            steps = [step.strip() for step in value if step.strip()]
-        elif text_field is not None and self.has(text_field):
-            value, field = self.row[text_field], text_field
-            if not isinstance(value, str):
-                raise self.error(field, f"expected a string, got {type(value).__name__}")
-            steps = split_steps(self._unicode(field, value))
-        else:
-            fields = " or ".join(repr(f) for f in (list_field, text_field) if f is not None)
-            raise self.error(text_field or list_field, f"missing required field ({fields})")
-        if not steps:
-            raise self.error(field, "empty rationale: no non-empty steps")
-        return steps
+            return self.check.steps(self.row[list_field], list_field)
+        if text_field is not None and self.has(text_field):
+            rationale = self.check.text(self.row[text_field], text_field, allow_empty=True, strip=False)
+            return self.check.steps(split_steps(rationale), text_field)
+        fields = " or ".join(repr(f) for f in (list_field, text_field) if f is not None)
+        raise self.error(text_field or list_field, f"missing required field ({fields})")
 
     def image(self, field: str, value: Any = None) -> Image.Image:
-        value = self.row.get(field) if value is None else value
-        try:
-            return self.image_loader(value, row=self.index, field=field)
-        except DataError as err:
-            if err.sample_id is None:
-                err.sample_id = self.sample_id
-            raise
+        return self.check.image(self.row.get(field) if value is None else value, field, self._load)
 
     def image_list(self, field: str) -> list[Image.Image]:
-        value = self.get(field)
-        if not isinstance(value, (list, tuple)):
-            raise self.error(field, f"expected a list of images, got {type(value).__name__}")
-        if not value:
-            raise self.error(field, "empty image list")
-        return [self.image(f"{field}[{i}]", item) for i, item in enumerate(value)]
+        return self.check.images(self.get(field), field, self._load, required=True)
 
 
 def _with_context(question: str, context: str) -> str:
@@ -658,9 +548,7 @@ def adapt_scienceqa(
             "answer", f"answer index {answer} is out of range for {len(choices)} choices (0-{len(choices) - 1})"
         )
     rationale = "\n\n".join(part for part in (r.optional_text("lecture"), r.optional_text("solution")) if part)
-    steps = split_steps(rationale)
-    if not steps:
-        raise r.error("lecture/solution", "empty rationale: lecture and solution are both empty")
+    steps = r.check.steps(split_steps(rationale), "lecture/solution", detail="lecture and solution are both empty")
     return _sample(r.sample_id, [r.image("image")], question, choices, steps, LETTERS[answer])
 
 
@@ -772,10 +660,8 @@ def _split_chat_answer(r: _RowReader, text: str, field: str) -> tuple[list[str],
     rationale = _THINK_TAGS.sub("", rationale)
     steps = split_steps(rationale)
     if len(steps) == 1:
-        steps = [line.strip() for line in steps[0].splitlines() if line.strip()]
-    if not steps:
-        raise r.error(field, "empty rationale: no text before the answer")
-    return steps, answer
+        steps = steps[0].splitlines()
+    return r.check.steps(steps, field, detail="no text before the answer"), answer
 
 
 def _split_chat_options(question: str) -> tuple[str, list[str] | None]:
@@ -828,14 +714,12 @@ def adapt_chat(
         raise r.error(f"{field}[{user_index}]", "empty question")
     steps, answer = _split_chat_answer(r, reply, f"{field}[{assistant_index}]")
     if choices is not None:
+        choices = r.check.choices(choices, f"{field}[{user_index}]")
+        # "B", "(B)", "B." or "B) blue" name option B, unless the whole answer is an option's text
         letter = re.fullmatch(r"\(?([A-Z])\)?(?:[.):]\s*.*)?", answer)
-        if letter and LETTERS.index(letter.group(1)) < len(choices):
+        if letter and answer not in choices:
             answer = letter.group(1)
-        elif answer in choices:
-            answer = LETTERS[choices.index(answer)]
-        else:
-            raise r.error(f"{field}[{assistant_index}]", f"answer {answer!r} is neither an option letter "
-                                                          f"(A-{LETTERS[len(choices) - 1]}) nor an option's text")
+        answer = r.check.answer(answer, choices, f"{field}[{assistant_index}]", allow_text=True)
     return _sample(r.sample_id, images, question, choices, steps, answer)
 
 
