@@ -1,8 +1,10 @@
 """Vedas configuration.
 
-Vedas adds two modules to a Qwen2-VL / Qwen2.5-VL backbone (visual replay and routing depth scaling) and a
-latent-reasoning phase between the prompt and the answer. The settings live in :class:`VedasSettings`, shared by
-the two backbone-specific configs :class:`VedasConfig` (Qwen2-VL) and :class:`Vedas25Config` (Qwen2.5-VL).
+Vedas adds two modules to a Qwen2-VL / Qwen2.5-VL / Qwen3-VL backbone (visual replay and routing depth scaling) and
+a latent-reasoning phase between the prompt and the answer. The settings live in :class:`VedasSettings`, shared by
+the backbone-specific configs :class:`VedasConfig` (Qwen2-VL), :class:`Vedas25Config` (Qwen2.5-VL) and
+:class:`Vedas3Config` (Qwen3-VL). They live on the top-level config; the backbone's sizes are read from its nested
+`text_config` and `vision_config`.
 
 The special tokens are defined here and only here (:data:`SPECIAL_TOKENS`).
 
@@ -59,7 +61,7 @@ check_transformers_version(transformers.__version__)
 # as a deprecated alias): the remote code passes and returns the cache under the installed version's name.
 CACHE_ARG = "cache" if _minor_version(transformers.__version__) >= (5, 24) else "past_key_values"
 
-from transformers import Qwen2_5_VLConfig, Qwen2VLConfig  # noqa: E402 (after the version check)
+from transformers import Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig  # noqa: E402 (after the version check)
 
 
 START_LATENT_TOKEN = "<|start_latent|>"
@@ -151,7 +153,8 @@ class VedasSettings:
         window_size (`int`, *optional*, defaults to 3):
             W, the side of the dense window on the merged grid that is cropped for self-distillation.
         crop_resolution (`int`, *optional*, defaults to 280):
-            Side in pixels of the re-encoded crop; a multiple of patch_size * spatial_merge_size.
+            Side in pixels of the re-encoded crop; a multiple of patch_size * spatial_merge_size (28 on Qwen2-VL
+            and Qwen2.5-VL; 32 on Qwen3-VL, whose default is 320).
         recon_weight (`float`, *optional*, defaults to 1.0):
             λ, the weight of the self-distillation loss L_recon (paper: 1.0 for 2B/3B, 0.2 for 7B). L_recon is
             `mse_loss` with mean reduction: it averages over the hidden dimension as well as over the (step,
@@ -351,4 +354,13 @@ class Vedas25Config(VedasSettings, Qwen2_5_VLConfig):
     model_type = "vedas_2_5"
 
 
-__all__ = ["VedasConfig", "Vedas25Config", "VedasSettings", "SPECIAL_TOKENS"]
+class Vedas3Config(VedasSettings, Qwen3VLConfig):
+    r"""Configuration of a Vedas model on a Qwen3-VL backbone (interleaved M-RoPE, DeepStack, 16-pixel patches). See
+    :class:`VedasSettings` for the Vedas fields. Its merged cell is 32 pixels (Qwen2-VL: 28), so `crop_resolution`
+    must be a multiple of 32; it defaults to 320, the 10 x 10 merged cells of the other backbones' 280."""
+
+    model_type = "vedas_3"
+    crop_resolution: int = 320
+
+
+__all__ = ["VedasConfig", "Vedas25Config", "Vedas3Config", "VedasSettings", "SPECIAL_TOKENS"]

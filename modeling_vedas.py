@@ -19,8 +19,16 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLForConditionalGeneration
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLForConditionalGeneration
 
-from .configuration_vedas import CACHE_ARG, MAX_LATENT_STEPS, MAX_REPLAY_TOKENS, Vedas25Config, VedasConfig
+from .configuration_vedas import (
+    CACHE_ARG,
+    MAX_LATENT_STEPS,
+    MAX_REPLAY_TOKENS,
+    Vedas3Config,
+    Vedas25Config,
+    VedasConfig,
+)
 from .replay_vedas import (
     ReplaySelection,
     VisualTokens,
@@ -33,6 +41,7 @@ from .replay_vedas import (
 )
 from .routing_vedas import (
     DepthStepEmbedding,
+    Vedas3DecoderLayer,
     Vedas25DecoderLayer,
     VedasCache,
     VedasDecoderLayer,
@@ -126,6 +135,40 @@ class _LatentLayout:
 
 
 @dataclass
+class _DeepStack:
+    """Qwen3-VL's DeepStack inputs of a batch: visual features of intermediate vision blocks that the text model adds,
+    after decoder layer i, to the hidden states at the image positions (`Qwen3VLTextModel._deepstack_process`).
+
+    What a replayed token carries: the merged final visual embedding only (the merger output V that the first layer
+    received at that image slot), never DeepStack's additions. DeepStack applies at the image positions of the
+    prompt and nowhere else, in the latent loop and in `generate` alike: a replay slot is an input of a latent step,
+    not an image position (its token id is `<|replay|>`, not the image token), exactly as a latent z(t) is. Adding
+    the features there too would make B(t) depend on where it is inserted (layers 0..len - 1 would see a second copy
+    of features that the image position already received) and would break the equality of a latent step with the
+    same step computed without DeepStack-aware slots; keeping the replayed token one vector also keeps it the same
+    object on every backbone, with the same L_recon target, and the converted model equal to its base on the prompt.
+
+    Args:
+        mask: `(batch, l)` bool, the image positions (the image token in `input_ids`).
+        features: one `(n, hidden)` tensor per DeepStack layer, the rows of `mask` in row-major order.
+    """
+
+    mask: torch.Tensor
+    features: list
+
+    def inputs(self, columns: slice) -> dict:
+        """The text model's `visual_pos_masks` / `deepstack_visual_embeds` for the columns of one pass `[columns]`:
+        the features of the image positions among them (none when the pass holds no image position)."""
+        mask = self.mask[:, columns]
+        if not bool(mask.any()):
+            return {}
+        order = torch.zeros(self.mask.shape, dtype=torch.long, device=mask.device)
+        order[self.mask] = torch.arange(int(self.mask.sum()), device=mask.device)
+        rows = order[:, columns][mask]  # the features of this pass's image positions, in row-major order
+        return {"visual_pos_masks": mask, "deepstack_visual_embeds": [f[rows.to(f.device)] for f in self.features]}
+
+
+@dataclass
 class _LatentRun:
     """What the passes of one latent forward share; `_latent_step` updates embeds, positions, mask and visited."""
 
@@ -139,6 +182,7 @@ class _LatentRun:
     prompt_mask: torch.Tensor  # (batch, l): the routing prompt
     prompt_lengths: torch.Tensor  # (batch,)
     cache: VedasCache | None  # None: every pass recomputes the prefix
+    deepstack: _DeepStack | None  # Qwen3-VL: the features added at the image positions (None on other backbones)
     replay_on: bool  # R > 0 and the batch has image tokens
     compute_recon: bool  # L_recon is computed (training, crop images, λ > 0)
     output_latent_trace: bool
@@ -326,7 +370,9 @@ VEDAS_MODULES = ("depth_router", "depth_step_embed", "token_sr")
 
 
 class VedasMixin:
-    """The Vedas logic shared by the Qwen2-VL and Qwen2.5-VL classes."""
+    """The Vedas logic shared by the Qwen2-VL, Qwen2.5-VL and Qwen3-VL classes. A backbone class adds only its
+    transformers parent, its config class and its routing decoder layer (`_decoder_layer_class`); what else differs
+    is read from the backbone itself (its `get_rope_index`, rotary embedding, image features and DeepStack)."""
 
     _decoder_layer_class = None
 
@@ -397,22 +443,31 @@ class VedasMixin:
     def _embed(self, input_ids, pixel_values, image_grid_thw, inputs_embeds=None):
         """Token embeddings `(batch, l, hidden)` (`inputs_embeds` when given) with the merger outputs scattered into
         the image slots (found in input_ids, else as transformers does: the rows equal to the image token's)."""
+        return self._embed_visual(input_ids, pixel_values, image_grid_thw, inputs_embeds=inputs_embeds)[0]
+
+    def _embed_visual(self, input_ids, pixel_values, image_grid_thw, inputs_embeds=None):
+        """`_embed`, and the backbone's DeepStack inputs (a `_DeepStack`, or None: no image, or a backbone without
+        DeepStack)."""
         table = self.model.get_input_embeddings()
         embeds = table(input_ids) if inputs_embeds is None else inputs_embeds
-        if pixel_values is not None:
-            image_embeds = torch.cat(self.model.get_image_features(pixel_values, image_grid_thw).pooler_output)
-            if input_ids is not None:
-                image_mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
-            else:
-                image_row = table(torch.tensor(self.config.image_token_id, device=embeds.device)).to(embeds.dtype)
-                image_mask = (embeds == image_row).all(-1, keepdim=True)
-            if int(image_mask.sum()) != image_embeds.shape[0]:
-                raise ValueError(
-                    f"The batch has {int(image_mask.sum())} image tokens but the images give {image_embeds.shape[0]} "
-                    f"visual features: input_ids and pixel_values/image_grid_thw do not belong together."
-                )
-            embeds = embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
-        return embeds
+        if pixel_values is None:
+            return embeds, None
+        features = self.model.get_image_features(pixel_values, image_grid_thw)
+        image_embeds = torch.cat(features.pooler_output)
+        if input_ids is not None:
+            image_mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
+        else:
+            image_row = table(torch.tensor(self.config.image_token_id, device=embeds.device)).to(embeds.dtype)
+            image_mask = (embeds == image_row).all(-1, keepdim=True)
+        if int(image_mask.sum()) != image_embeds.shape[0]:
+            raise ValueError(
+                f"The batch has {int(image_mask.sum())} image tokens but the images give {image_embeds.shape[0]} "
+                f"visual features: input_ids and pixel_values/image_grid_thw do not belong together."
+            )
+        embeds = embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
+        layers = getattr(features, "deepstack_features", None)  # Qwen3-VL only: one tuple of per-image tensors each
+        deepstack = _DeepStack(image_mask[..., 0], [torch.cat(f) for f in layers]) if layers else None
+        return embeds, deepstack
 
     @property
     def _global_routing(self) -> bool:
@@ -567,7 +622,7 @@ class VedasMixin:
             use_cache = False  # (transformers' text model would otherwise open a cache, which turns packing off)
         if use_cache and past_key_values is None:
             past_key_values = VedasCache(config=self.config.text_config)
-        embeds = self._embed(input_ids, *image_inputs.values(), inputs_embeds=inputs_embeds)
+        embeds, deepstack = self._embed_visual(input_ids, *image_inputs.values(), inputs_embeds=inputs_embeds)
         length = embeds.shape[1]
         if position_ids is None:
             position_ids = self.model.compute_3d_position_ids(
@@ -583,6 +638,7 @@ class VedasMixin:
         outputs = self.model.language_model(
             inputs_embeds=embeds, attention_mask=backbone_mask, position_ids=position_ids,
             use_cache=use_cache, vedas_state=state, **record, **{CACHE_ARG: past_key_values},
+            **(deepstack.inputs(slice(None)) if deepstack is not None else {}),
         )
         hidden = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -858,7 +914,7 @@ class VedasMixin:
         if not generating:  # every rank in lockstep runs as many passes as the rank with the most latent steps
             input_ids, mask, mm_token_type_ids, labels = _pad_for_steps(
                 self, layout, input_ids, mask, mm_token_type_ids, labels)
-        embeds = self._embed(input_ids, pixel_values, image_grid_thw, inputs_embeds=inputs_embeds)
+        embeds, deepstack = self._embed_visual(input_ids, pixel_values, image_grid_thw, inputs_embeds=inputs_embeds)
         visual = visual_tokens(is_image=(input_ids == cfg.image_token_id) & mask.bool(),
                                image_grid_thw=image_grid_thw, merge_size=cfg.vision_config.spatial_merge_size)
         self._warn_replay_shortage(visual=visual, num_replay=num_replay, slots=layout.slots, layout=layout)
@@ -878,7 +934,8 @@ class VedasMixin:
             positions=self._latent_position_ids(input_ids=input_ids, attention_mask=mask,
                                                 mm_token_type_ids=mm_token_type_ids, image_grid_thw=image_grid_thw),
             visited=torch.zeros_like(visual.valid), prompt_mask=prompt_mask, prompt_lengths=prompt_mask.sum(-1),
-            cache=(past_key_values or VedasCache(config=cfg.text_config)) if cached else None, replay_on=replay_on,
+            cache=(past_key_values or VedasCache(config=cfg.text_config)) if cached else None, deepstack=deepstack,
+            replay_on=replay_on,
             compute_recon=(self.training and crop_images is not None and cfg.recon_weight > 0 and replay_on
                            and layout.num_steps > 0),
             output_latent_trace=output_latent_trace,
@@ -915,7 +972,7 @@ class VedasMixin:
             inputs_embeds=run.embeds[:, chunk], attention_mask=run.mask[:, :end],
             position_ids=run.positions[:, :, chunk], use_cache=run.cache is not None, vedas_state=state,
             output_attentions=output_attentions and record, output_hidden_states=output_hidden_states and record,
-            **{CACHE_ARG: run.cache},
+            **{CACHE_ARG: run.cache}, **(run.deepstack.inputs(chunk) if run.deepstack is not None else {}),
         )
         recorded = None
         if record and (output_attentions or output_hidden_states):
@@ -1420,12 +1477,33 @@ class Vedas25ForConditionalGeneration(VedasMixin, Qwen2_5_VLForConditionalGenera
         self.post_init()
 
 
+class Vedas3ForConditionalGeneration(VedasMixin, Qwen3VLForConditionalGeneration):
+    """Vedas on a Qwen3-VL backbone. What differs from the Qwen2 backbones is the backbone's own: the text model's
+    interleaved M-RoPE (its `get_rope_index` and rotary embedding; replayed tokens keep their original positions as
+    elsewhere), per-head q/k norms (`Vedas3DecoderLayer`, read by the saliency row), the vision tower's 16-pixel
+    patches and learned position grid, and DeepStack, added at the prompt's image positions only (`_DeepStack`)."""
+
+    config_class = Vedas3Config
+    config: Vedas3Config
+    _decoder_layer_class = Vedas3DecoderLayer
+    _no_split_modules = ["Vedas3DecoderLayer", "Qwen3VLVisionBlock"]
+
+    def __init__(self, config: Vedas3Config):
+        super().__init__(config)
+        self._init_vedas_modules()
+        self.post_init()
+
+
 # Custom classes do not inherit the backbone's key renames; register them so legacy-layout checkpoints
-# (`visual.*`, `model.layers.*`) load with no missing or unexpected keys.
-for _name in ("VedasForConditionalGeneration", "Vedas25ForConditionalGeneration"):
-    register_checkpoint_conversion_mapping(
-        _name, get_checkpoint_conversion_mapping("Qwen2VLForConditionalGeneration"), overwrite=True
-    )
+# (Qwen2-VL's `visual.*`, `model.layers.*`) load with no missing or unexpected keys. Qwen3-VL has no legacy layout.
+for _vedas_class in (VedasForConditionalGeneration, Vedas25ForConditionalGeneration, Vedas3ForConditionalGeneration):
+    _backbone = next(c for c in _vedas_class.__mro__ if c.__module__.startswith("transformers.models."))
+    _renames = get_checkpoint_conversion_mapping(_backbone.__name__)
+    if _renames is not None:
+        register_checkpoint_conversion_mapping(_vedas_class.__name__, _renames, overwrite=True)
 
 
-__all__ = ["VedasForConditionalGeneration", "Vedas25ForConditionalGeneration", "VedasCausalLMOutput", "VedasCache"]
+__all__ = [
+    "VedasForConditionalGeneration", "Vedas25ForConditionalGeneration", "Vedas3ForConditionalGeneration",
+    "VedasCausalLMOutput", "VedasCache",
+]

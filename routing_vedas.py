@@ -21,6 +21,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLDecoderLayer
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLDecoderLayer, rotate_half
+from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLTextDecoderLayer
 
 from .configuration_vedas import CACHE_ARG
 
@@ -225,15 +226,12 @@ class VedasDecoderLayerMixin:
         Only one attention row is computed (from q·k, so it carries gradient); no attention map is materialised.
         """
         attn = self.self_attn
-        bsz = hidden_states.shape[0]
-        query = attn.q_proj(self.input_layernorm(hidden_states[:, -1:]))
-        query = query.view(bsz, 1, -1, attn.head_dim).transpose(1, 2)  # (b, heads, 1, d)
+        query = self._heads(attn.q_proj, getattr(attn, "q_norm", None), hidden_states[:, -1:])  # (b, heads, 1, d)
         cos, sin = (t[:, -1:] for t in position_embeddings)
         if past_key_values is not None and len(past_key_values.layers) > self.layer_idx:
             keys = past_key_values.layers[self.layer_idx].keys  # (b, kv_heads, n, d), rotary already applied
         else:  # no cache (e.g. under gradient checkpointing): the keys of this forward are all the keys
-            keys = attn.k_proj(self.input_layernorm(hidden_states))
-            keys = keys.view(bsz, keys.shape[1], -1, attn.head_dim).transpose(1, 2)
+            keys = self._heads(attn.k_proj, getattr(attn, "k_norm", None), hidden_states)
             keys = _rotate(keys, *position_embeddings)
         query = _rotate(query, cos, sin)
         keys = keys.repeat_interleave(attn.num_key_value_groups, dim=1)
@@ -246,6 +244,16 @@ class VedasDecoderLayerMixin:
         row = row.gather(1, state.saliency_columns).masked_fill(~state.saliency_valid, 0.0)
         state.saliency_sum = row if state.saliency_sum is None else state.saliency_sum + row
         state.saliency_layers += 1
+
+    def _heads(self, projection, head_norm, hidden_states):
+        """Queries or keys `(batch, heads, l, head_dim)` of the layer input `(batch, l, hidden)`, before the rotary
+        embedding, as the backbone's attention computes them: Qwen3-VL normalises each head (`q_norm`, `k_norm`,
+        an RMSNorm over head_dim) between the projection and the rotation; Qwen2-VL / Qwen2.5-VL have no such norm."""
+        states = projection(self.input_layernorm(hidden_states))
+        states = states.view(*states.shape[:2], -1, self.self_attn.head_dim)
+        if head_norm is not None:
+            states = head_norm(states)
+        return states.transpose(1, 2)
 
     # ----------------------------------------------------------------- routing
     def router_scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -443,6 +451,17 @@ class VedasDecoderLayer(VedasDecoderLayerMixin, Qwen2VLDecoderLayer):
 
 class Vedas25DecoderLayer(VedasDecoderLayerMixin, Qwen2_5_VLDecoderLayer):
     """A Qwen2.5-VL decoder layer with saliency capture and, at `routing_layers`, routing depth scaling."""
+
+    def __init__(self, config, layer_idx: int, vedas_config):
+        super().__init__(config, layer_idx)
+        self._init_vedas(config, layer_idx, vedas_config)
+
+
+class Vedas3DecoderLayer(VedasDecoderLayerMixin, Qwen3VLTextDecoderLayer):
+    """A Qwen3-VL text decoder layer with saliency capture and, at `routing_layers`, routing depth scaling.
+
+    DeepStack's visual features are added by the text model after this layer returns (to the image positions of
+    its input), so a routing layer's second pass sees, and its update adds to, the states before that addition."""
 
     def __init__(self, config, layer_idx: int, vedas_config):
         super().__init__(config, layer_idx)

@@ -1,4 +1,4 @@
-"""Convert a base Qwen2-VL / Qwen2.5-VL checkpoint into a Vedas checkpoint folder.
+"""Convert a base Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint into a Vedas checkpoint folder.
 
     python examples/convert_base.py --base tiny-qwen2-vl --out tiny-vedas \\
         --set num_replay_tokens=16 routing_topk=8 "routing_layers=[1,3]"
@@ -54,8 +54,8 @@ def parse_overrides(pairs: list[str] | None) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", required=True, help="base Qwen2-VL / Qwen2.5-VL checkpoint: a folder or a Hub "
-                        "model id (offline, from the local HF cache)")
+    parser.add_argument("--base", required=True, help="base Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint: a folder or "
+                        "a Hub model id (offline, from the local HF cache)")
     parser.add_argument("--out", required=True, help="output folder for the Vedas checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
     parser.add_argument(

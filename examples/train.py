@@ -56,7 +56,7 @@ from vedas_trainer.distributed import (
 )
 from vedas_trainer.data import DataError
 from vedas_trainer.hub import HubError, push_after_training, resolve_model_folder, training_push_target
-from vedas_trainer.tiny_base import TinySizes, build_tiny_base
+from vedas_trainer.tiny_base import TinySizes, build_tiny_base, for_backbone
 from vedas_trainer.trainer import (
     NonFiniteLossError, VedasTrainer, VedasTrainingArguments, answer_accuracy_metrics, lora_config_for,
     preprocess_logits_for_metrics,
@@ -72,7 +72,8 @@ class ModelArguments:
         default=None, metadata={"help": "Base Qwen2-VL/Qwen2.5-VL folder or a Vedas checkpoint. Default: a tiny base "
                                         "built from scratch (the embedded default)."}
     )
-    backbone: str = field(default="qwen2_vl", metadata={"help": "Tiny base backbone: qwen2_vl or qwen2_5_vl."})
+    backbone: str = field(default="qwen2_vl",
+                          metadata={"help": "Tiny base backbone: qwen2_vl, qwen2_5_vl or qwen3_vl."})
     vedas_overrides: str = field(default="{}", metadata={"help": "JSON dict of VedasConfig fields to set."})
     num_replay_tokens: int | None = field(default=None, metadata={"help": "K (default: 4 embedded, 32 otherwise)."})
     recon_weight: float | None = field(default=None, metadata={"help": "λ, the self-distillation weight."})
@@ -278,12 +279,15 @@ def check_model_arguments(model_args) -> None:
             base.startswith(("/", "./", "../", "~")) or "\\" in base):
         raise UsageError(f"--base_model: no such folder: {base!r}")
     overrides = check_json_option("--vedas_overrides", model_args.vedas_overrides)
-    from vedas import VedasConfig
-    from vedas_trainer.checkpoint import check_overrides
+    from vedas_trainer.checkpoint import check_overrides, vedas_config_class
 
+    try:
+        config_class = vedas_config_class(model_args.backbone, base)  # the backbone's own (its crop unit)
+    except ValueError as err:
+        raise UsageError(f"--backbone: {err}") from None
     try:  # unknown fields and out-of-range values, before a conversion writes anything
         check_overrides(overrides)
-        VedasConfig(**overrides)
+        config_class(**overrides)
     except (TypeError, ValueError) as err:
         raise UsageError(f"--vedas_overrides: {err}") from None
 
@@ -346,7 +350,7 @@ def configure_cpu_threads() -> str:
 def prepare_model(model_args, training_args, embedded, quick):
     """A Vedas model: converted from the given base (or a fresh tiny base) into output_dir/init."""
     out = Path(training_args.output_dir)
-    overrides = dict(EMBEDDED_VEDAS) if embedded else {}
+    overrides = for_backbone(model_args.backbone, EMBEDDED_VEDAS) if embedded else {}
     overrides.update(json.loads(model_args.vedas_overrides))
     if model_args.num_replay_tokens is not None:
         overrides["num_replay_tokens"] = model_args.num_replay_tokens
@@ -421,7 +425,8 @@ def warn_if_steps_stop_early(args, train_dataset) -> None:
 
 
 def backbone_of(config) -> str:
-    """The backbone's model type (qwen2_vl, qwen2_5_vl) of a Vedas config, from the transformers class it extends."""
+    """The backbone's model type (qwen2_vl, qwen2_5_vl, qwen3_vl) of a Vedas config, from the transformers class it
+    extends."""
     for cls in type(config).__mro__[1:]:
         model_type = getattr(cls, "model_type", "")
         if model_type and model_type != getattr(config, "model_type", None):

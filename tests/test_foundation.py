@@ -11,8 +11,9 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from conftest import BACKBONES, load_vedas, make_inputs, perturb_vedas, quadrant_image
-from vedas.configuration_vedas import Vedas25Config, VedasConfig
+from backbones import BACKBONES, all_base_dirs, all_vedas_dirs  # noqa: F401 (fixtures over every backbone)
+from conftest import load_vedas, make_inputs, perturb_vedas, quadrant_image
+from vedas.configuration_vedas import Vedas3Config, Vedas25Config, VedasConfig
 from vedas_trainer.checkpoint import (
     REMOTE_CODE_FILES,
     BACKBONES as CLASSES,
@@ -24,6 +25,7 @@ from vedas_trainer.checkpoint import (
 )
 
 
+PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
 TEXT = {"num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
@@ -44,7 +46,7 @@ TEXT = {"num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "nu
         ({"recon_weight": -1.0}, "recon_weight"),
     ],
 )
-@pytest.mark.parametrize("config_class", [VedasConfig, Vedas25Config])
+@pytest.mark.parametrize("config_class", [VedasConfig, Vedas25Config, Vedas3Config])
 def test_config_rejects_nonsense(config_class, settings, message):
     with pytest.raises(ValueError, match=message):
         config_class(text_config=TEXT, **settings)
@@ -65,9 +67,9 @@ def test_config_defaults_and_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_converted_model_equals_base_and_round_trips(backbone, base_dirs, vedas_dirs, tmp_path):
-    base, base_processor = load_base(base_dirs[backbone])
-    model, processor = load_vedas(vedas_dirs[backbone])
+def test_converted_model_equals_base_and_round_trips(backbone, all_base_dirs, all_vedas_dirs, tmp_path):
+    base, base_processor = load_base(all_base_dirs[backbone])
+    model, processor = load_vedas(all_vedas_dirs[backbone])
     vocab = len(base_processor.tokenizer)
     images = [quadrant_image((112, 84), seed=3), quadrant_image((56, 112), seed=4)]
     inputs = make_inputs(processor, ["what colour is it ?", "which arrow ?"], images)
@@ -90,11 +92,11 @@ def test_converted_model_equals_base_and_round_trips(backbone, base_dirs, vedas_
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_checkpoint_folder_is_complete(backbone, vedas_dirs):
-    folder = vedas_dirs[backbone]
+def test_checkpoint_folder_is_complete(backbone, all_vedas_dirs):
+    folder = all_vedas_dirs[backbone]
     assert check_checkpoint_folder(folder) == []
     config = json.loads((folder / "config.json").read_text())
-    expected_class = "VedasForConditionalGeneration" if backbone == "qwen2_vl" else "Vedas25ForConditionalGeneration"
+    expected_class = CLASSES[backbone][2].__name__
     assert config["auto_map"]["AutoModel"] == f"modeling_vedas.{expected_class}"
     assert config["auto_map"]["AutoModelForImageTextToText"] == f"modeling_vedas.{expected_class}"
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
@@ -104,8 +106,8 @@ def test_checkpoint_folder_is_complete(backbone, vedas_dirs):
     assert card.startswith("---\n") and "library_name: transformers" in card and "pipeline_tag: image-text-to-text" in card
 
 
-def test_new_parameters_are_a_small_fraction(vedas_dirs):
-    model, _ = load_vedas(vedas_dirs["qwen2_vl"])
+def test_new_parameters_are_a_small_fraction(all_vedas_dirs):
+    model, _ = load_vedas(all_vedas_dirs["qwen2_vl"])
     added = count_vedas_parameters(model)
     hidden, layers = model.config.text_config.hidden_size, model.config.routing_layers
     # one d->1 router (+ bias) and one D x d step embedding per routing layer, token_sr is d->d->d
@@ -141,9 +143,9 @@ REMOTE_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_remote_code_loads_in_a_fresh_process(backbone, vedas_dirs, tmp_path):
+def test_remote_code_loads_in_a_fresh_process(backbone, all_vedas_dirs, tmp_path):
     folder = tmp_path / "checkpoint"
-    shutil.copytree(vedas_dirs[backbone], folder)
+    shutil.copytree(all_vedas_dirs[backbone], folder)
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
     script = workdir / "load.py"
@@ -159,9 +161,9 @@ def test_remote_code_loads_in_a_fresh_process(backbone, vedas_dirs, tmp_path):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["module"].startswith("transformers_modules.") and report["module"].endswith("modeling_vedas")
     assert report["module2"] == report["module"]
-    assert report["class"] in ("VedasForConditionalGeneration", "Vedas25ForConditionalGeneration")
+    assert report["class"] == CLASSES[backbone][2].__name__
     assert report["new_tokens"] == 1 + 2 + 1 + 3  # start marker, 2 latents, end marker, 3 answer tokens
-    assert report["processor"] in ("Qwen2VLProcessor", "Qwen2_5_VLProcessor")
+    assert report["processor"] == PROCESSORS[backbone]
 
 
 # Remove the editable-install finders of `vedas`/`vedas_trainer` before anything is imported.
@@ -173,10 +175,10 @@ _WITHOUT_REPO_PREFIX = (
 )
 
 
-def test_remote_code_files_import_only_torch_transformers_and_each_other(vedas_dirs):
+def test_remote_code_files_import_only_torch_transformers_and_each_other(all_vedas_dirs):
     allowed = {"torch", "transformers", "math", "dataclasses", "typing", "warnings", "__future__"}
     for name in REMOTE_CODE_FILES:
-        source = (vedas_dirs["qwen2_vl"] / name).read_text()
+        source = (all_vedas_dirs["qwen2_vl"] / name).read_text()
         for line in source.splitlines():
             stripped = line.strip()
             if stripped.startswith(("import ", "from ")) and not stripped.startswith("from ."):
@@ -184,7 +186,7 @@ def test_remote_code_files_import_only_torch_transformers_and_each_other(vedas_d
                 assert module in allowed, f"{name} imports {module!r}"
 
 
-def test_convert_refuses_non_qwen_folder_and_existing_output(tmp_path, base_dirs):
+def test_convert_refuses_non_qwen_folder_and_existing_output(tmp_path, all_base_dirs):
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(CheckpointError, match="model_type='llama'"):
@@ -194,13 +196,13 @@ def test_convert_refuses_non_qwen_folder_and_existing_output(tmp_path, base_dirs
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "file.txt").write_text("keep me")
     with pytest.raises(FileExistsError, match="overwrite"):
-        convert_base(base_dirs["qwen2_vl"], tmp_path / "busy")
+        convert_base(all_base_dirs["qwen2_vl"], tmp_path / "busy")
     assert (tmp_path / "busy" / "file.txt").read_text() == "keep me"
 
 
-def test_corrupt_safetensors_gives_a_clear_error(tmp_path, base_dirs):
+def test_corrupt_safetensors_gives_a_clear_error(tmp_path, all_base_dirs):
     broken = tmp_path / "broken"
-    shutil.copytree(base_dirs["qwen2_vl"], broken)
+    shutil.copytree(all_base_dirs["qwen2_vl"], broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated
     with pytest.raises(CheckpointError, match="model.safetensors"):

@@ -16,20 +16,21 @@ from transformers import (
     TextIteratorStreamer,
 )
 
+from backbones import BACKBONES, all_base_dirs, all_vedas_dirs  # noqa: F401 (fixtures over every backbone)
 from conftest import (
-    BACKBONES, answer_log_probs, load_vedas, make_inputs, no_eos, perturb_vedas, quadrant_image, two_prompts,
+    answer_log_probs, load_vedas, make_inputs, no_eos, perturb_vedas, quadrant_image, two_prompts,
 )
 
 
 @pytest.fixture(scope="module", params=BACKBONES)
-def model_and_processor(request, vedas_dirs):
-    model, processor = load_vedas(vedas_dirs[request.param])
+def model_and_processor(request, all_vedas_dirs):
+    model, processor = load_vedas(all_vedas_dirs[request.param])
     return perturb_vedas(model), processor
 
 
 @pytest.fixture(scope="module")
-def qwen2(vedas_dirs):
-    model, processor = load_vedas(vedas_dirs["qwen2_vl"])
+def qwen2(all_vedas_dirs):
+    model, processor = load_vedas(all_vedas_dirs["qwen2_vl"])
     return perturb_vedas(model), processor
 
 
@@ -273,13 +274,13 @@ def test_step_and_replay_counts_are_validated(qwen2, name, value):
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_beams_without_latent_steps_are_the_base_models(backbone, base_dirs, vedas_dirs):
+def test_beams_without_latent_steps_are_the_base_models(backbone, all_base_dirs, all_vedas_dirs):
     """At T = 0 an unconverted-equivalent Vedas model is its base: beam search over a batch with images, whose
     `pixel_values` must be repeated per sample (not per patch row) for the beams, gives the base model's beams."""
     from vedas_trainer.checkpoint import load_base
 
-    base, _ = load_base(base_dirs[backbone])
-    model, processor = load_vedas(vedas_dirs[backbone], num_replay_tokens=0)
+    base, _ = load_base(all_base_dirs[backbone])
+    model, processor = load_vedas(all_vedas_dirs[backbone], num_replay_tokens=0)
     inputs = two_prompts(processor)
     args = dict(max_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False)
     ours = model.generate(**inputs, num_latent_steps=0, **args)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from conftest import BACKBONES, load_vedas, make_inputs, perturb_vedas, quadrant_image
+from backbones import BACKBONES, all_base_dirs, all_vedas_dirs  # noqa: F401 (fixtures over every backbone)
+from conftest import load_vedas, make_inputs, perturb_vedas, quadrant_image
 from vedas_trainer.testing import eager_saliency
 
 
@@ -36,8 +37,8 @@ def teacher_forced(model, inputs, sequences, num_replay):
 
 
 @pytest.fixture(scope="module", params=BACKBONES)
-def model_and_processor(request, vedas_dirs):
-    model, processor = load_vedas(vedas_dirs[request.param])
+def model_and_processor(request, all_vedas_dirs):
+    model, processor = load_vedas(all_vedas_dirs[request.param])
     return perturb_vedas(model), processor
 
 
@@ -202,8 +203,8 @@ def test_replay_never_revisits_and_handles_exhaustion(model_and_processor):
     assert all(torch.isfinite(step["replay_weights"]).all() for step in out.latent_trace)
 
 
-def test_soft_mix_inserts_one_token_per_step(vedas_dirs):
-    model, processor = load_vedas(vedas_dirs["qwen2_vl"], replay_mode="soft_mix")
+def test_soft_mix_inserts_one_token_per_step(all_vedas_dirs):
+    model, processor = load_vedas(all_vedas_dirs["qwen2_vl"], replay_mode="soft_mix")
     perturb_vedas(model)
     inputs = make_inputs(processor, ["what colour ?"], [quadrant_image()])
     ids, _, _ = model.build_latent_layout(inputs["input_ids"], inputs["attention_mask"], None, 2, 4)
@@ -215,11 +216,11 @@ def test_soft_mix_inserts_one_token_per_step(vedas_dirs):
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
-def test_no_latent_steps_is_the_base_model(backbone, base_dirs, vedas_dirs):
+def test_no_latent_steps_is_the_base_model(backbone, all_base_dirs, all_vedas_dirs):
     from vedas_trainer.checkpoint import load_base
 
-    base, _ = load_base(base_dirs[backbone])
-    model, processor = load_vedas(vedas_dirs[backbone], num_replay_tokens=0)
+    base, _ = load_base(all_base_dirs[backbone])
+    model, processor = load_vedas(all_vedas_dirs[backbone], num_replay_tokens=0)
     inputs = make_inputs(processor, ["what colour is it ?", "why ?"], [quadrant_image(), quadrant_image((56, 84))])
     ours = model.generate(**inputs, num_latent_steps=0, max_new_tokens=6, do_sample=False)
     theirs = base.eval().generate(**inputs, max_new_tokens=6, do_sample=False)
@@ -235,10 +236,12 @@ def test_prompt_without_image_skips_replay_with_a_warning(model_and_processor):
     assert (out == model.config.latent_token_id).sum().item() == 2
 
 
-def test_saliency_is_the_last_query_attention_over_visual_tokens(vedas_dirs):
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_saliency_is_the_last_query_attention_over_visual_tokens(backbone, all_vedas_dirs):
     """Step 1 replays the top-K visual tokens of the <|start_latent|> row of attention, averaged over layers and
-    heads, weighted by the softmax of those scores: checked against eager attention maps of the backbone."""
-    model, processor = load_vedas(vedas_dirs["qwen2_vl"], attn_implementation="eager")
+    heads, weighted by the softmax of those scores: checked against eager attention maps of the backbone (on
+    Qwen3-VL they include its per-head q/k norms and the DeepStack features added after the first layers)."""
+    model, processor = load_vedas(all_vedas_dirs[backbone], attn_implementation="eager")
     inputs = make_inputs(processor, ["what colour is the arrow ?"], [quadrant_image((112, 112), seed=9)])
     out = model.generate(**inputs, num_latent_steps=1, num_replay_tokens=4, max_new_tokens=1, do_sample=False,
                          return_dict_in_generate=True, output_latent_trace=True)

@@ -12,7 +12,8 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from conftest import BACKBONES, load_vedas, make_inputs, perturb_vedas, quadrant_image
+from backbones import BACKBONES, all_base_dirs, all_vedas_dirs  # noqa: F401 (fixtures over every backbone)
+from conftest import load_vedas, make_inputs, perturb_vedas, quadrant_image
 from vedas.routing_vedas import DepthStepEmbedding, VedasCache
 from vedas_trainer.checkpoint import BACKBONES as CLASSES
 
@@ -60,21 +61,21 @@ def text_batch(processor, texts, padding_side="left"):
 
 
 # ------------------------------------------------------------------------------------------------ initialisation
-def test_new_parameters_are_initialised_on_every_loading_path(backbone, base_dirs, vedas_dirs, tmp_path):
+def test_new_parameters_are_initialised_on_every_loading_path(backbone, all_base_dirs, all_vedas_dirs, tmp_path):
     """From config, from a base checkpoint (Vedas keys missing), and with a resized e(d) (`max_depth` changed under
     `ignore_mismatched_sizes`): e(d) == depth_gate_init exactly, router and token_sr initialised; loaded values are
     never overwritten."""
     _, config_class, model_class = classes(backbone)
-    config = config_class.from_pretrained(vedas_dirs[backbone], depth_gate_init=0.25)
+    config = config_class.from_pretrained(all_vedas_dirs[backbone], depth_gate_init=0.25)
     check_vedas_init(model_class(config), 0.25)
 
-    from_base, info = model_class.from_pretrained(base_dirs[backbone], config=config, output_loading_info=True)
+    from_base, info = model_class.from_pretrained(all_base_dirs[backbone], config=config, output_loading_info=True)
     assert info["missing_keys"] and all(any(k in key for k in ("depth_", "token_sr")) for key in info["missing_keys"])
     check_vedas_init(from_base, 0.25)
 
-    deeper = config_class.from_pretrained(vedas_dirs[backbone], depth_gate_init=-0.5, max_depth=3)
-    resized = model_class.from_pretrained(vedas_dirs[backbone], config=deeper, ignore_mismatched_sizes=True)
-    saved, _ = load_vedas(vedas_dirs[backbone])
+    deeper = config_class.from_pretrained(all_vedas_dirs[backbone], depth_gate_init=-0.5, max_depth=3)
+    resized = model_class.from_pretrained(all_vedas_dirs[backbone], config=deeper, ignore_mismatched_sizes=True)
+    saved, _ = load_vedas(all_vedas_dirs[backbone])
     for name, param in vedas_params(resized).items():
         if "depth_step_embed" in name:
             assert param.shape[0] == 3 and torch.equal(param, torch.full_like(param, -0.5)), name
@@ -88,15 +89,15 @@ def test_new_parameters_are_initialised_on_every_loading_path(backbone, base_dir
         assert torch.equal(param, vedas_params(trained)[name]), name
 
 
-def test_base_checkpoint_loaded_into_vedas_with_gate_zero_computes_the_base(backbone, base_dirs, vedas_dirs):
+def test_base_checkpoint_loaded_into_vedas_with_gate_zero_computes_the_base(backbone, all_base_dirs, all_vedas_dirs):
     """`from_pretrained(<base checkpoint>, config=vedas_config)` with the default gate 0 gives the base's logits
     exactly, while the freshly initialised routers do select tokens."""
     base_class, config_class, model_class = classes(backbone)
-    base = base_class.from_pretrained(base_dirs[backbone]).eval()
-    config = config_class.from_pretrained(vedas_dirs[backbone])
+    base = base_class.from_pretrained(all_base_dirs[backbone]).eval()
+    config = config_class.from_pretrained(all_vedas_dirs[backbone])
     assert config.depth_gate_init == 0.0
-    model = model_class.from_pretrained(base_dirs[backbone], config=config).eval()
-    processor = AutoProcessor.from_pretrained(base_dirs[backbone])
+    model = model_class.from_pretrained(all_base_dirs[backbone], config=config).eval()
+    processor = AutoProcessor.from_pretrained(all_base_dirs[backbone])
     processor.tokenizer.padding_side = "left"
     images = [quadrant_image((112, 84), seed=1), quadrant_image((56, 112), seed=2)]
     inputs = make_inputs(processor, QUESTIONS, images)
@@ -108,9 +109,9 @@ def test_base_checkpoint_loaded_into_vedas_with_gate_zero_computes_the_base(back
     torch.testing.assert_close(out.logits[..., :vocab], expected[..., :vocab], rtol=0, atol=0)
 
 
-def test_perturb_vedas_refuses_an_uninitialised_gate(vedas_dirs):
+def test_perturb_vedas_refuses_an_uninitialised_gate(all_vedas_dirs):
     """The test helper checks the real init instead of hiding it: e(d) away from depth_gate_init is an error."""
-    model, _ = load_vedas(vedas_dirs["qwen2_vl"])
+    model, _ = load_vedas(all_vedas_dirs["qwen2_vl"])
     with torch.no_grad():
         next(m for m in model.modules() if isinstance(m, DepthStepEmbedding)).weight.fill_(1e30)
     with pytest.raises(AssertionError, match="depth_gate_init=0.0"):
@@ -118,9 +119,9 @@ def test_perturb_vedas_refuses_an_uninitialised_gate(vedas_dirs):
 
 
 # -------------------------------------------------------------------------------------------- shared helpers
-def routed_model(vedas_dirs, backbone, **overrides):
+def routed_model(all_vedas_dirs, backbone, **overrides):
     """A converted checkpoint with routing made active (random router, e(d) around 0.5)."""
-    model, processor = load_vedas(vedas_dirs[backbone], **overrides)
+    model, processor = load_vedas(all_vedas_dirs[backbone], **overrides)
     return perturb_vedas(model), processor
 
 
@@ -150,11 +151,11 @@ def run(model, **inputs):
 
 # ------------------------------------------------------------------------- hidden states, attentions, tuples
 @pytest.mark.filterwarnings("ignore:Every token of some sequence is supervised")
-def test_hidden_states_attentions_and_tuple_output(backbone, vedas_dirs):
+def test_hidden_states_attentions_and_tuple_output(backbone, all_vedas_dirs):
     """One hidden state per layer plus the embeddings, the last one giving the logits; one attention map per layer
     (no second-pass maps); eager == SDPA; `return_dict=False` gives the dict's tuple."""
-    model, processor = routed_model(vedas_dirs, backbone, attn_implementation="eager")
-    sdpa, _ = routed_model(vedas_dirs, backbone, attn_implementation="sdpa")
+    model, processor = routed_model(all_vedas_dirs, backbone, attn_implementation="eager")
+    sdpa, _ = routed_model(all_vedas_dirs, backbone, attn_implementation="sdpa")
     inputs = image_inputs(processor)
     batch, length = inputs["input_ids"].shape
     layers = model.config.text_config.num_hidden_layers
@@ -181,10 +182,10 @@ def test_hidden_states_attentions_and_tuple_output(backbone, vedas_dirs):
     assert torch.equal(loss_tuple[0], run(model, **inputs, labels=labels).loss)
 
 
-def test_latent_forward_hidden_states_and_attentions(vedas_dirs):
+def test_latent_forward_hidden_states_and_attentions(all_vedas_dirs):
     """A latent batch returns them over the whole sequence: the cached passes joined equal the uncached forward
     (one pass over everything), and the last hidden state gives the logits."""
-    model, processor = routed_model(vedas_dirs, "qwen2_vl", attn_implementation="eager")
+    model, processor = routed_model(all_vedas_dirs, "qwen2_vl", attn_implementation="eager")
     batch = latent_batch(model, image_inputs(processor))
     length = batch["input_ids"].shape[1]
     cached = run(model, **batch, use_cache=True, output_hidden_states=True, output_attentions=True)
@@ -203,10 +204,10 @@ def test_latent_forward_hidden_states_and_attentions(vedas_dirs):
 
 
 # ------------------------------------------------------------------------------------------------ inputs_embeds
-def test_inputs_embeds_equal_input_ids(backbone, vedas_dirs):
+def test_inputs_embeds_equal_input_ids(backbone, all_vedas_dirs):
     """Plain forward: inputs_embeds alone (text) or with input_ids (images) give the input_ids logits. A latent
     batch takes them with its input_ids, and refuses them alone, saying why."""
-    model, processor = routed_model(vedas_dirs, backbone)
+    model, processor = routed_model(all_vedas_dirs, backbone)
     table = model.get_input_embeddings()
     text = text_batch(processor, TEXTS)
     expected = run(model, **text).logits
@@ -237,10 +238,10 @@ def four_d(attention_mask, kind):
 
 
 @pytest.mark.parametrize("kind", ["bool", "float"])
-def test_four_d_mask_equals_two_d_mask(backbone, vedas_dirs, kind):
+def test_four_d_mask_equals_two_d_mask(backbone, all_vedas_dirs, kind):
     """A 4-D mask equivalent to the 2-D padding mask gives the same logits on every real token (left padding,
     images, routing active); masks routing cannot honour, and 4-D masks on latent batches, are refused."""
-    model, processor = routed_model(vedas_dirs, backbone)
+    model, processor = routed_model(all_vedas_dirs, backbone)
     inputs = image_inputs(processor)
     valid = inputs["attention_mask"].bool()
     assert not bool(valid.all())
@@ -278,14 +279,14 @@ def test_four_d_mask_equals_two_d_mask(backbone, vedas_dirs, kind):
 # ------------------------------------------------------------------------------------------------- packed rows
 @pytest.mark.filterwarnings("ignore:Every token of some sequence is supervised")  # the one-token sequence
 @pytest.mark.parametrize("settings", ["default", "rearranged", "global"])
-def test_packed_rows_equal_each_sequence_alone(backbone, vedas_dirs, settings):
+def test_packed_rows_equal_each_sequence_alone(backbone, all_vedas_dirs, settings):
     """DataCollatorWithFlattening's layout (one row, position_ids restarting, no attention mask) gives each
     sequence's logits alone, with routing active (causal and global selection, original and rearranged
     second-pass positions); so do 4-row positions and a block-diagonal 4-D mask."""
     if backbone == "qwen2_5_vl" and settings != "default":
         pytest.skip("the routing variants are backbone-independent")
     overrides = {"default": {}, "rearranged": {"routing_positions": "rearranged"}, "global": {"routing": "global"}}
-    model, processor = routed_model(vedas_dirs, backbone, **overrides[settings])
+    model, processor = routed_model(all_vedas_dirs, backbone, **overrides[settings])
     sequences = [processor.tokenizer(text, return_tensors="pt")["input_ids"] for text in TEXTS]
     labels = [ids.clone().index_fill_(1, torch.arange(ids.shape[1] // 2), -100) for ids in sequences]
     alone = [run(model, input_ids=ids, labels=lab).logits[0] for ids, lab in zip(sequences, labels)]
@@ -307,10 +308,10 @@ def test_packed_rows_equal_each_sequence_alone(backbone, vedas_dirs, settings):
 
 
 # --------------------------------------------------------------------------------------------- routing prompt
-def test_fully_supervised_rows_are_routed(backbone, vedas_dirs):
+def test_fully_supervised_rows_are_routed(backbone, all_vedas_dirs):
     """labels == input_ids (every token supervised): the whole row is the routing prompt, as without labels,
     instead of an empty prompt that selects nothing; a warning says so once."""
-    model, processor = routed_model(vedas_dirs, backbone)
+    model, processor = routed_model(all_vedas_dirs, backbone)
     text = text_batch(processor, TEXTS)
     labels = text["input_ids"].masked_fill(~text["attention_mask"].bool(), -100)
     model._warned.discard("all-supervised")
@@ -320,10 +321,10 @@ def test_fully_supervised_rows_are_routed(backbone, vedas_dirs):
     torch.testing.assert_close(out.logits, run(model, **text).logits, rtol=0, atol=0)
 
 
-def test_row_without_latent_block_routes_like_alone(backbone, vedas_dirs):
+def test_row_without_latent_block_routes_like_alone(backbone, all_vedas_dirs):
     """In a latent batch, a row with no latent block (stage 0 drawn by `uniform_prob`) ends its routing prompt where
     its supervision starts and routes over that whole prompt, as when it runs alone (with or without a cache)."""
-    model, processor = routed_model(vedas_dirs, backbone)
+    model, processor = routed_model(all_vedas_dirs, backbone)
     inputs = image_inputs(processor)
     latent = latent_batch(model, {k: v[:1] if k != "pixel_values" else v for k, v in inputs.items()})
     keep = inputs["attention_mask"][1].bool()  # the second prompt without its padding, then a supervised answer

@@ -31,7 +31,8 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
-from conftest import BACKBONES, TEST_OVERRIDES, load_vedas, make_inputs, perturb_vedas, quadrant_image
+from backbones import BACKBONES, EXTRA_OVERRIDES
+from conftest import TEST_OVERRIDES, load_vedas, make_inputs, perturb_vedas, quadrant_image
 from vedas_trainer.testing import eager_saliency
 from vedas.configuration_vedas import (
     POSITION_MODES,
@@ -148,7 +149,8 @@ MAX_VISUAL_TOKENS = 2 * SIZES.max_pixels // 28**2
 
 
 def visual_tokens(batch) -> int:
-    """Visual tokens of a batch: one per 28 x 28 block of each image as the processor resizes it."""
+    """Visual tokens of a batch: one per 28 x 28 block of each image as the processor resizes it (Qwen2-VL; the
+    Qwen3-VL processor's bounds are scaled to 32 x 32 blocks, so its counts are the same up to rounding)."""
     total = 0
     for sample in batch:
         for image in sample.images:
@@ -239,7 +241,7 @@ def _vedas_model(backbone: str, variant: str, settings_json: str, perturb_seed):
     """Convert the base with these settings, load the checkpoint folder, and (unless `perturb_seed` is None) give
     the router and e(d) non-trivial values: an untrained model has e(d) = 0, which makes routing a no-op."""
     with tempfile.TemporaryDirectory(dir=_ROOT) as folder:
-        overrides = {**TEST_OVERRIDES, **json.loads(settings_json)}
+        overrides = {**TEST_OVERRIDES, **EXTRA_OVERRIDES.get(backbone, {}), **json.loads(settings_json)}
         convert_base(_base_dir(backbone, variant), Path(folder) / "vedas", overrides=overrides)
         model, processor = load_vedas(Path(folder) / "vedas")
     if perturb_seed is not None:
@@ -380,9 +382,19 @@ TRACE_WITHOUT_CACHE = Case(
 )
 
 
+# Qwen3-VL in every property, whatever the fixed sample draws: routing active in two layers (DeepStack adds to the
+# output of layers 0 and 1), replay, two images of different sizes in one prompt.
+QWEN3_CASE = Case(
+    "qwen3_vl", {**NO_RDS, "routing_layers": [0, 1], "routing_topk": 0.5},
+    [Sample("which arrow ?", (ImageSpec(112, 84, seed=3), ImageSpec(64, 96, seed=5))), Sample("what colour ?")],
+    num_latent_steps=2, num_replay_tokens=3, max_new_tokens=2,
+)
+
+
 @pytest.mark.property
 @PROPERTY
 @given(case=cases())
+@example(case=QWEN3_CASE)
 @example(case=ROUTING_PROMPT_WITHOUT_CACHE)
 @example(case=GLOBAL_WITHOUT_ROUTING_LAYERS)
 @example(case=TRACE_WITHOUT_CACHE)
@@ -405,6 +417,7 @@ def test_cached_generation_equals_uncached(case):
 @pytest.mark.property
 @PROPERTY
 @given(case=cases(min_batch=2))
+@example(case=QWEN3_CASE)
 @example(case=TEXT_ONLY_ROW_IN_IMAGE_BATCH)
 @example(case=GLOBAL_WITHOUT_ROUTING_LAYERS)
 @example(case=FLAT_IMAGE_TIE)  # may end in reject_tie(), see test_replay_ties_are_told_apart_from_differences
@@ -457,6 +470,7 @@ def test_replay_ties_are_told_apart_from_differences():
 @pytest.mark.property
 @PROPERTY
 @given(case=cases())
+@example(case=QWEN3_CASE)
 def test_save_then_load_equals_original(case):
     """A complete checkpoint folder (weights, config, processor, remote code) reloads to the same settings and
     bit-identical logits, generations and latent traces."""
@@ -488,6 +502,7 @@ def test_save_then_load_equals_original(case):
 @pytest.mark.property
 @PROPERTY
 @given(case=cases(base_variants=("default", "untied", "no_spare_rows")))
+@example(case=QWEN3_CASE)
 def test_converted_untrained_equals_base(case):
     """With e(d) = 0 (depth_gate_init) a converted model computes its base exactly, whatever the Vedas settings:
     the same tokenization, bit-identical logits over the base vocabulary, and the same plain (T = 0) generation."""

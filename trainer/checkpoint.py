@@ -1,4 +1,4 @@
-"""Vedas checkpoints: convert a Qwen2-VL / Qwen2.5-VL base, and save a complete Hub-ready folder.
+"""Vedas checkpoints: convert a Qwen2-VL / Qwen2.5-VL / Qwen3-VL base, and save a complete Hub-ready folder.
 
 A Vedas checkpoint folder holds `config.json` (with an `auto_map` for AutoConfig, AutoModel and
 AutoModelForImageTextToText), the remote-code files, `model.safetensors`, the processor and tokenizer files, and a
@@ -19,11 +19,21 @@ from huggingface_hub.errors import HFValidationError, StrictDataclassError
 from huggingface_hub.utils import validate_repo_id
 from jinja2 import Template
 from safetensors import SafetensorError
-from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+from transformers import (
+    AutoProcessor,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
+)
 
 import vedas
-from vedas.configuration_vedas import SPECIAL_TOKENS, Vedas25Config, VedasConfig, VedasSettings
-from vedas.modeling_vedas import VEDAS_MODULES, Vedas25ForConditionalGeneration, VedasForConditionalGeneration
+from vedas.configuration_vedas import SPECIAL_TOKENS, Vedas3Config, Vedas25Config, VedasConfig, VedasSettings
+from vedas.modeling_vedas import (
+    VEDAS_MODULES,
+    Vedas3ForConditionalGeneration,
+    Vedas25ForConditionalGeneration,
+    VedasForConditionalGeneration,
+)
 
 from .evaluation import DEFAULT_MAX_NEW_TOKENS
 
@@ -37,12 +47,11 @@ MODEL_CARD_TEMPLATE = PACKAGE_DIR / "MODEL_CARD.md"
 BACKBONES = {
     "qwen2_vl": (Qwen2VLForConditionalGeneration, VedasConfig, VedasForConditionalGeneration),
     "qwen2_5_vl": (Qwen2_5_VLForConditionalGeneration, Vedas25Config, Vedas25ForConditionalGeneration),
+    "qwen3_vl": (Qwen3VLForConditionalGeneration, Vedas3Config, Vedas3ForConditionalGeneration),
 }
 # Vedas model_type -> (config class, model class)
-VEDAS_MODEL_TYPES = {
-    VedasConfig.model_type: (VedasConfig, VedasForConditionalGeneration),
-    Vedas25Config.model_type: (Vedas25Config, Vedas25ForConditionalGeneration),
-}
+VEDAS_MODEL_TYPES = {config_class.model_type: (config_class, model_class) for _, config_class, model_class
+                     in BACKBONES.values()}
 VEDAS_MODULE_KEYS = VEDAS_MODULES  # the modules a base checkpoint lacks (one definition, in the model)
 SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
 # Pickle-based weights run arbitrary code on load; a checkpoint that has only these is refused.
@@ -326,12 +335,12 @@ def _check_config_against_weights(folder: Path, config: dict) -> None:
 
 
 def _read_base_config(base_dir: Path) -> dict:
-    config = _read_config(base_dir, "Qwen2-VL/Qwen2.5-VL checkpoint")
+    config = _read_config(base_dir, "Qwen2-VL/Qwen2.5-VL/Qwen3-VL checkpoint")
     model_type = config.get("model_type")
     if model_type not in BACKBONES:
         raise CheckpointError(
-            f"{str(base_dir)!r} has model_type={model_type!r}; Vedas converts only Qwen2-VL ('qwen2_vl') and "
-            f"Qwen2.5-VL ('qwen2_5_vl') checkpoints."
+            f"{str(base_dir)!r} has model_type={model_type!r}; Vedas converts only Qwen2-VL ('qwen2_vl'), "
+            f"Qwen2.5-VL ('qwen2_5_vl') and Qwen3-VL ('qwen3_vl') checkpoints."
         )
     return config
 
@@ -481,7 +490,7 @@ def add_special_tokens(processor) -> dict[str, int]:
 
 
 def convert_base(base_dir, out_dir, overrides: dict | None = None, overwrite: bool = False, card_context=None):
-    """Turn a base Qwen2-VL / Qwen2.5-VL checkpoint into a Vedas checkpoint folder. Returns `(model, processor)`.
+    """Turn a base Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint into a Vedas checkpoint folder. Returns `(model, processor)`.
 
     `base_dir` is a local folder or a Hub model id (resolved through the local HF cache, downloading it when
     online: :func:`vedas_trainer.hub.resolve_model_folder`). `overrides` sets any `VedasConfig` field (e.g.
@@ -544,6 +553,25 @@ def hub_repo_id(folder) -> str | None:
     return None
 
 
+def vedas_config_class(backbone: str, base=None):
+    """The Vedas config class for a base: the model_type in the config.json of a local `base` folder (a base or a
+    Vedas checkpoint), else the tiny base's `backbone` (a Hub id is not read here). Unknown ones fall back to
+    `backbone`'s; an unknown `backbone` is a one-line ValueError naming it."""
+    model_type = None
+    if base is not None and (Path(base).expanduser() / "config.json").is_file():
+        try:
+            model_type = _read_config(Path(base).expanduser(), "checkpoint").get("model_type")
+        except CheckpointError:
+            model_type = None
+    if model_type in VEDAS_MODEL_TYPES:
+        return VEDAS_MODEL_TYPES[model_type][0]
+    if model_type in BACKBONES:
+        return BACKBONES[model_type][1]
+    if backbone not in BACKBONES:
+        raise ValueError(f"backbone must be one of {tuple(BACKBONES)}, got {backbone!r}.")
+    return BACKBONES[backbone][1]
+
+
 def is_vedas_checkpoint(folder) -> bool:
     try:
         return _read_config(Path(folder), "Vedas checkpoint").get("model_type") in VEDAS_MODEL_TYPES
@@ -570,7 +598,7 @@ def load_vedas(folder, **overrides):
     if model_type not in VEDAS_MODEL_TYPES:
         raise CheckpointError(
             f"{str(folder / 'config.json')!r} has model_type={model_type!r}; a Vedas checkpoint has one of "
-            f"{sorted(VEDAS_MODEL_TYPES)} (convert a Qwen2-VL/Qwen2.5-VL base with examples/convert_base.py)."
+            f"{sorted(VEDAS_MODEL_TYPES)} (convert a Qwen2-VL/Qwen2.5-VL/Qwen3-VL base with examples/convert_base.py)."
         )
     config_class, model_class = VEDAS_MODEL_TYPES[model_type]
     _check_weights(folder, config_dict)

@@ -1,5 +1,5 @@
-"""Tiny Qwen2-VL / Qwen2.5-VL *base* checkpoints built offline: config, random weights, a byte-level BPE tokenizer
-trained with `tokenizers`, the real image processor and a chat template.
+"""Tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL *base* checkpoints built offline: config, random weights, a byte-level BPE
+tokenizer trained with `tokenizers`, the backbone's real processor (image and video processors) and a chat template.
 
 All sizes live in :class:`TinySizes`; tests use the defaults and the embedded training run passes larger values.
 """
@@ -19,10 +19,24 @@ from transformers import (
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
 )
 
 
-BACKBONES = ("qwen2_vl", "qwen2_5_vl")
+BACKBONES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# backbone -> (config class, model class, processor class, video processor class); the vision settings that differ
+# (patch size, normalisation, the vision config's fields) are in `_vision_config` and `build_processor`
+_CLASSES = {
+    "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, Qwen2VLVideoProcessor),
+    "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLVideoProcessor),
+    "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor),
+}
+# Qwen3-VL's vision tower: 16-pixel patches (merged cells of 32 pixels) and inputs normalised with mean = std = 0.5
+QWEN3_PATCH_SIZE = 16
+QWEN3_IMAGE_MEAN = QWEN3_IMAGE_STD = [0.5, 0.5, 0.5]
 # the Qwen2-VL special tokens, in Qwen's order
 QWEN_SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -103,18 +117,31 @@ def build_tokenizer(sizes: TinySizes, corpus: list[str] | None = None) -> PreTra
 
 
 def build_processor(backbone: str, tokenizer, sizes: TinySizes):
-    image_processor = Qwen2VLImageProcessor(min_pixels=sizes.min_pixels, max_pixels=sizes.max_pixels)
-    processor_class = Qwen2VLProcessor if backbone == "qwen2_vl" else Qwen2_5_VLProcessor
-    video_processor = Qwen2VLVideoProcessor(min_pixels=sizes.min_pixels, max_pixels=sizes.max_pixels)
-    processor = processor_class(
+    """The backbone's real processor. Qwen3-VL's vision tower cuts 16-pixel patches (Qwen2-VL: 14), so its pixel
+    bounds are scaled to keep the same numbers of merged cells, and it normalises with mean = std = 0.5."""
+    _, _, processor_class, video_class = _classes(backbone)
+    pixels, vision = {"min_pixels": sizes.min_pixels, "max_pixels": sizes.max_pixels}, {}
+    if backbone == "qwen3_vl":
+        pixels = {key: value * QWEN3_PATCH_SIZE**2 // 14**2 for key, value in pixels.items()}
+        vision = {"patch_size": QWEN3_PATCH_SIZE, "image_mean": QWEN3_IMAGE_MEAN, "image_std": QWEN3_IMAGE_STD}
+    image_processor = Qwen2VLImageProcessor(**pixels, **vision)
+    if backbone == "qwen3_vl":  # its video processor takes the bounds as a size dict
+        pixels = {"size": {"shortest_edge": pixels["min_pixels"], "longest_edge": pixels["max_pixels"]}}
+    video_processor = video_class(**pixels, **vision)
+    return processor_class(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor, chat_template=CHAT_TEMPLATE
     )
-    return processor
+
+
+def _classes(backbone: str) -> tuple:
+    """(config, model, processor, video processor) classes of a backbone; a one-line error naming an unknown one."""
+    if backbone not in _CLASSES:
+        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}.")
+    return _CLASSES[backbone]
 
 
 def build_config(backbone: str, tokenizer, sizes: TinySizes):
-    if backbone not in BACKBONES:
-        raise ValueError(f"backbone must be one of {BACKBONES}, got {backbone!r}.")
+    config_class = _classes(backbone)[0]
     rows = len(tokenizer) + sizes.spare_embedding_rows
     rows = (rows + 63) // 64 * 64  # like Qwen: spare rows after the tokenizer's last id
     ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in QWEN_SPECIAL_TOKENS}
@@ -131,44 +158,54 @@ def build_config(backbone: str, tokenizer, sizes: TinySizes):
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
-    common = dict(
+    if backbone == "qwen3_vl":  # its head_dim is a field (default 128), and its M-RoPE interleaves t, h, w
+        text.update(head_dim=sizes.hidden_size // sizes.num_attention_heads)
+        text["rope_parameters"]["mrope_interleaved"] = True
+    return config_class(
         text_config=text,
+        vision_config=_vision_config(backbone, sizes),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=sizes.tie_word_embeddings,
     )
+
+
+def _vision_config(backbone: str, sizes: TinySizes) -> dict:
+    """The vision tower's fields, which each backbone names differently; its output size is the LLM's hidden size."""
     if backbone == "qwen2_vl":
-        vision = dict(
-            depth=sizes.vision_depth,
-            embed_dim=sizes.vision_embed_dim,
-            hidden_size=sizes.hidden_size,  # the merger's output size = the LLM's hidden size
-            num_heads=sizes.vision_heads,
-            mlp_ratio=sizes.vision_mlp_ratio,
-        )
-        return Qwen2VLConfig(vision_config=vision, **common)
-    vision = dict(
-        depth=sizes.vision_depth,
-        hidden_size=sizes.vision_embed_dim,
-        intermediate_size=sizes.vision_embed_dim * sizes.vision_mlp_ratio,
-        num_heads=sizes.vision_heads,
-        out_hidden_size=sizes.hidden_size,
-        window_size=56,
-        fullatt_block_indexes=[sizes.vision_depth - 1],
-    )
-    return Qwen2_5_VLConfig(vision_config=vision, **common)
+        return dict(depth=sizes.vision_depth, embed_dim=sizes.vision_embed_dim, hidden_size=sizes.hidden_size,
+                    num_heads=sizes.vision_heads, mlp_ratio=sizes.vision_mlp_ratio)
+    vision = dict(depth=sizes.vision_depth, hidden_size=sizes.vision_embed_dim, num_heads=sizes.vision_heads,
+                  intermediate_size=sizes.vision_embed_dim * sizes.vision_mlp_ratio, out_hidden_size=sizes.hidden_size)
+    if backbone == "qwen2_5_vl":
+        return dict(vision, window_size=56, fullatt_block_indexes=[sizes.vision_depth - 1])
+    # Qwen3-VL: a learned position grid (16 x 16, resampled to each image) and DeepStack features taken from the
+    # first vision blocks, which the first decoder layers add at the image positions
+    return dict(vision, patch_size=QWEN3_PATCH_SIZE, num_position_embeddings=256,
+                deepstack_visual_indexes=list(range(min(2, sizes.vision_depth))))
+
+
+def for_backbone(backbone: str, overrides: dict) -> dict:
+    """Vedas settings written for Qwen2-VL's 28-pixel merged cells (the embedded default's `crop_resolution`), for
+    `backbone`: a crop keeps its number of merged cells (56 = 2 cells of 28 -> 64 = 2 cells of 32 on Qwen3-VL)."""
+    _classes(backbone)  # a one-line error for an unknown backbone
+    cell = QWEN3_PATCH_SIZE * 2 if backbone == "qwen3_vl" else 28
+    if "crop_resolution" not in overrides or cell == 28:
+        return dict(overrides)
+    return {**overrides, "crop_resolution": overrides["crop_resolution"] * cell // 28}
 
 
 def build_tiny_base(backbone: str, out_dir: str | None = None, seed: int = 0, sizes: TinySizes | None = None):
     """Build (and, with `out_dir`, save) a tiny base model and its processor. Returns `(model, processor)`."""
+    _classes(backbone)  # an unknown backbone fails before the tokenizer is trained
     sizes = sizes or TinySizes()
     tokenizer = build_tokenizer(sizes)
     processor = build_processor(backbone, tokenizer, sizes)
     config = build_config(backbone, tokenizer, sizes)
     torch.manual_seed(seed)
-    model_class = Qwen2VLForConditionalGeneration if backbone == "qwen2_vl" else Qwen2_5_VLForConditionalGeneration
-    model = model_class(config).eval()
+    model = _classes(backbone)[1](config).eval()
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     if out_dir is not None:
@@ -178,4 +215,6 @@ def build_tiny_base(backbone: str, out_dir: str | None = None, seed: int = 0, si
     return model, processor
 
 
-__all__ = ["TinySizes", "build_tiny_base", "build_tokenizer", "build_processor", "build_config", "asdict"]
+__all__ = [
+    "TinySizes", "build_tiny_base", "for_backbone", "build_tokenizer", "build_processor", "build_config", "asdict",
+]
