@@ -188,3 +188,26 @@ def test_quick_run_under_accelerate(tmp_path):
     assert (config["model_type"], config["crop_resolution"]) == ("vedas_3", 64)
     state = json.loads(sorted(out.glob("checkpoint-*/trainer_state.json"))[-1].read_text())
     assert any(entry.get("recon_loss") for entry in state["log_history"])
+
+
+PIPELINE_SCRIPT = """
+import json, sys
+from transformers import pipeline
+from vedas_trainer.testing import quadrant_image
+pipe = pipeline("image-text-to-text", model=sys.argv[1], trust_remote_code=True)
+content = [{"type": "image", "image": quadrant_image()}, {"type": "text", "text": "what colour ?"}]
+out = pipe(text=[{"role": "user", "content": content}], max_new_tokens=3, return_full_text=False)
+print(json.dumps({"class": type(pipe.model).__name__, "module": type(pipe.model).__module__,
+                  "text": isinstance(out[0]["generated_text"], str)}))
+"""
+
+
+def test_stock_image_text_to_text_pipeline(all_vedas_dirs, tmp_path):
+    """transformers' `image-text-to-text` pipeline loads the checkpoint's remote code and generates (latent steps
+    from the config) in a fresh process."""
+    result = subprocess.run([sys.executable, "-c", PIPELINE_SCRIPT, str(all_vedas_dirs["qwen3_vl"])], cwd=tmp_path,
+                            env=child_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["class"] == "Vedas3ForConditionalGeneration" and report["text"]
+    assert report["module"].startswith("transformers_modules.")
