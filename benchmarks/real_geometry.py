@@ -453,33 +453,15 @@ def parse_args(argv=None):
     return args, runs
 
 
-def main(argv=None) -> int:
-    args, runs = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def render(rows: list[dict], planned: int, seconds: float) -> str:
+    """The Markdown report of the rows so far (written after every case, so an interrupted run leaves a table)."""
     import transformers
 
-    def log(text):
-        print(text, flush=True)
-
-    started = time.perf_counter()
-    rows: list[dict] = []
-    scratch_parent = Path(args.scratch) if args.scratch else Path(tempfile.mkdtemp(prefix="vedas-real-geometry-"))
-    scratch_parent.mkdir(parents=True, exist_ok=True)
-    log(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
-        f"{len(runs)} cases")
-    log(HEADER)
-    try:
-        for name in dict.fromkeys(m for m, _ in runs):
-            run_model(name, [s for m, s in runs if m == name], scratch_parent, rows, log)
-    finally:
-        if not args.scratch:
-            shutil.rmtree(scratch_parent, ignore_errors=True)
-    total = time.perf_counter() - started
     failures = [(row["model"], row["size"], f) for row in rows for f in row["failures"]]
+    partial = "" if len(rows) == planned else f" (interrupted or still running: {len(rows)} of {planned} cases)"
     lines = [
         f"Real geometry on CPU ({torch.get_num_threads()} threads, torch {torch.__version__}, transformers "
-        f"{transformers.__version__}): {len(rows)} cases in {total:.0f} s.",
+        f"{transformers.__version__}): {len(rows)} cases in {seconds:.0f} s{partial}.",
         "",
         f"Published shapes cut to {LAYERS} decoder layers and {VISION_BLOCKS} vision blocks, fp32, random weights; "
         f"T = {STEPS} latent steps, K = {REPLAY} replay tokens, crop re-encode and L_recon on (lambda = "
@@ -498,11 +480,38 @@ def main(argv=None) -> int:
     lines += [format_row(row) for row in rows]
     lines += ["", "Failures:" if failures else "Failures: none."]
     lines += [f"- {model} {size}: {failure}" for model, size, failure in failures]
-    text = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args, runs = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    started = time.perf_counter()
+    rows: list[dict] = []
+
+    def log(text):
+        print(text, flush=True)
+        if args.out and text.startswith("| "):  # a finished case: rewrite the report
+            Path(args.out).write_text(render(rows, len(runs), time.perf_counter() - started))
+
+    scratch_parent = Path(args.scratch) if args.scratch else Path(tempfile.mkdtemp(prefix="vedas-real-geometry-"))
+    scratch_parent.mkdir(parents=True, exist_ok=True)
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
+          f"{len(runs)} cases\n{HEADER}", flush=True)
+    try:
+        for name in dict.fromkeys(m for m, _ in runs):
+            run_model(name, [s for m, s in runs if m == name], scratch_parent, rows, log)
+    finally:
+        if not args.scratch:
+            shutil.rmtree(scratch_parent, ignore_errors=True)
+    text = render(rows, len(runs), time.perf_counter() - started)
     print("\n" + text)
     if args.out:
         Path(args.out).write_text(text)
-    return 1 if failures else 0
+    return 1 if any(row["failures"] for row in rows) else 0
 
 
 if __name__ == "__main__":
