@@ -6,8 +6,10 @@ Attributes are imported lazily so that importing the package (as pytest does for
 _EXPORTS = {
     "VedasConfig": "configuration_vedas",
     "Vedas25Config": "configuration_vedas",
+    "Vedas3Config": "configuration_vedas",
     "VedasForConditionalGeneration": "modeling_vedas",
     "Vedas25ForConditionalGeneration": "modeling_vedas",
+    "Vedas3ForConditionalGeneration": "modeling_vedas",
     "VedasCache": "routing_vedas",
 }
 __all__ = list(_EXPORTS)

@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny base checkpoints built offline and their Vedas conversions, plus multimodal inputs."""
+"""Shared fixtures: tiny base checkpoints of every backbone, built offline when first asked for, and their Vedas
+conversions, plus multimodal inputs."""
 
 import os
 import sys
@@ -37,31 +38,68 @@ def pytest_unconfigure(config):
     offline_guard.uninstall()
 
 
-BACKBONES = ("qwen2_vl", "qwen2_5_vl")
 # small K and α so that the tiny inputs exercise "fewer tokens than asked" and real selections
 TEST_OVERRIDES = {"num_replay_tokens": 4, "routing_topk": 6, "crop_resolution": 56, "num_latent_steps": 2}
+# backbone -> its conversion settings in the tests. Qwen3-VL cuts 16-pixel patches, so its merged cell is 32 pixels
+# and the crop side must be a multiple of 32 (56 is two Qwen2-VL cells of 28).
+BACKBONE_OVERRIDES = {
+    "qwen2_vl": TEST_OVERRIDES,
+    "qwen2_5_vl": TEST_OVERRIDES,
+    "qwen3_vl": {**TEST_OVERRIDES, "crop_resolution": 64},
+}
+# Every backbone: the equivalence, property and compatibility tests run over these (`all_base_dirs` /
+# `all_vedas_dirs`). `BACKBONES` are the two the rest of the suite runs on (`base_dirs` / `vedas_dirs`).
+ALL_BACKBONES = tuple(BACKBONE_OVERRIDES)
+BACKBONES = ("qwen2_vl", "qwen2_5_vl")
+
+
+class _Checkpoints:
+    """The session's tiny checkpoints, each built the first time a test asks for it: `base(b)` a tiny base
+    (plain transformers model + processor), `vedas(b)` its conversion with `BACKBONE_OVERRIDES[b]`."""
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def base(self, backbone: str) -> Path:
+        folder = self.root / "base" / backbone
+        if not (folder / "config.json").is_file():
+            build_tiny_base(backbone, str(folder), seed=0)
+        return folder
+
+    def vedas(self, backbone: str) -> Path:
+        folder = self.root / "vedas" / backbone
+        if not (folder / "config.json").is_file():
+            convert_base(self.base(backbone), folder, overrides=BACKBONE_OVERRIDES[backbone])
+        return folder
 
 
 @pytest.fixture(scope="session")
-def base_dirs(tmp_path_factory):
-    """backbone -> folder of a tiny base checkpoint (plain transformers model + processor)."""
-    root = tmp_path_factory.mktemp("bases")
-    dirs = {}
-    for backbone in BACKBONES:
-        build_tiny_base(backbone, str(root / backbone), seed=0)
-        dirs[backbone] = root / backbone
-    return dirs
+def checkpoints(tmp_path_factory) -> _Checkpoints:
+    return _Checkpoints(tmp_path_factory.mktemp("checkpoints"))
 
 
 @pytest.fixture(scope="session")
-def vedas_dirs(base_dirs, tmp_path_factory):
-    """backbone -> folder of the converted (untrained) Vedas checkpoint."""
-    root = tmp_path_factory.mktemp("vedas")
-    dirs = {}
-    for backbone, base in base_dirs.items():
-        convert_base(base, root / backbone, overrides=TEST_OVERRIDES)
-        dirs[backbone] = root / backbone
-    return dirs
+def base_dirs(checkpoints):
+    """backbone -> folder of a tiny base checkpoint, for `BACKBONES`."""
+    return {backbone: checkpoints.base(backbone) for backbone in BACKBONES}
+
+
+@pytest.fixture(scope="session")
+def vedas_dirs(checkpoints):
+    """backbone -> folder of the converted (untrained) Vedas checkpoint, for `BACKBONES`."""
+    return {backbone: checkpoints.vedas(backbone) for backbone in BACKBONES}
+
+
+@pytest.fixture(scope="session")
+def all_base_dirs(checkpoints):
+    """`base_dirs` for every backbone (`ALL_BACKBONES`)."""
+    return {backbone: checkpoints.base(backbone) for backbone in ALL_BACKBONES}
+
+
+@pytest.fixture(scope="session")
+def all_vedas_dirs(checkpoints):
+    """`vedas_dirs` for every backbone (`ALL_BACKBONES`)."""
+    return {backbone: checkpoints.vedas(backbone) for backbone in ALL_BACKBONES}
 
 
 @pytest.fixture

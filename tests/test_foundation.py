@@ -11,8 +11,7 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from backbones import BACKBONES, all_base_dirs, all_vedas_dirs  # noqa: F401 (fixtures over every backbone)
-from conftest import load_vedas, make_inputs, perturb_vedas, quadrant_image
+from conftest import ALL_BACKBONES, load_vedas, make_inputs, perturb_vedas, quadrant_image
 from vedas.configuration_vedas import Vedas3Config, Vedas25Config, VedasConfig
 from vedas_trainer.checkpoint import (
     REMOTE_CODE_FILES,
@@ -66,7 +65,7 @@ def test_config_defaults_and_round_trip(tmp_path):
     assert loaded.text_config.hidden_size == 64
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", ALL_BACKBONES)
 def test_converted_model_equals_base_and_round_trips(backbone, all_base_dirs, all_vedas_dirs, tmp_path):
     base, base_processor = load_base(all_base_dirs[backbone])
     model, processor = load_vedas(all_vedas_dirs[backbone])
@@ -91,7 +90,7 @@ def test_converted_model_equals_base_and_round_trips(backbone, all_base_dirs, al
     torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", ALL_BACKBONES)
 def test_checkpoint_folder_is_complete(backbone, all_vedas_dirs):
     folder = all_vedas_dirs[backbone]
     assert check_checkpoint_folder(folder) == []
@@ -142,7 +141,7 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", ALL_BACKBONES)
 def test_remote_code_loads_in_a_fresh_process(backbone, all_vedas_dirs, tmp_path):
     folder = tmp_path / "checkpoint"
     shutil.copytree(all_vedas_dirs[backbone], folder)
@@ -207,3 +206,18 @@ def test_corrupt_safetensors_gives_a_clear_error(tmp_path, all_base_dirs):
     weights.write_bytes(weights.read_bytes()[:1000])  # truncated
     with pytest.raises(CheckpointError, match="model.safetensors"):
         convert_base(broken, tmp_path / "out")
+
+
+def test_the_package_exports_every_backbone_lazily():
+    """`vedas.<name>` gives each backbone's config and model class (and the cache), imported on first access: the
+    names of `__all__` are the classes of the remote-code modules."""
+    import vedas
+    from vedas import configuration_vedas, modeling_vedas, routing_vedas
+
+    modules = {"configuration_vedas": configuration_vedas, "modeling_vedas": modeling_vedas,
+               "routing_vedas": routing_vedas}
+    for name in ("Vedas3Config", "Vedas3ForConditionalGeneration", "Vedas25Config", "VedasCache"):
+        assert name in vedas.__all__
+    for name, module in vedas._EXPORTS.items():
+        assert getattr(vedas, name) is getattr(modules[module], name), name
+    assert vedas.Vedas3ForConditionalGeneration.config_class is vedas.Vedas3Config

@@ -16,13 +16,12 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from backbones import BACKBONES, all_base_dirs, all_vedas_dirs  # noqa: F401 (fixtures over every backbone)
 from conftest import (
-    answer_log_probs, load_vedas, make_inputs, no_eos, perturb_vedas, quadrant_image, two_prompts,
+    ALL_BACKBONES, answer_log_probs, load_vedas, make_inputs, no_eos, perturb_vedas, quadrant_image, two_prompts,
 )
 
 
-@pytest.fixture(scope="module", params=BACKBONES)
+@pytest.fixture(scope="module", params=ALL_BACKBONES)
 def model_and_processor(request, all_vedas_dirs):
     model, processor = load_vedas(all_vedas_dirs[request.param])
     return perturb_vedas(model), processor
@@ -273,7 +272,7 @@ def test_step_and_replay_counts_are_validated(qwen2, name, value):
     assert repr(value) in message
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", ALL_BACKBONES)
 def test_beams_without_latent_steps_are_the_base_models(backbone, all_base_dirs, all_vedas_dirs):
     """At T = 0 an unconverted-equivalent Vedas model is its base: beam search over a batch with images, whose
     `pixel_values` must be repeated per sample (not per patch row) for the beams, gives the base model's beams."""

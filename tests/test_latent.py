@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from backbones import BACKBONES, all_base_dirs, all_vedas_dirs  # noqa: F401 (fixtures over every backbone)
-from conftest import load_vedas, make_inputs, perturb_vedas, quadrant_image
+from conftest import ALL_BACKBONES, load_vedas, make_inputs, perturb_vedas, quadrant_image
 from vedas_trainer.testing import eager_saliency
 
 
@@ -36,7 +35,7 @@ def teacher_forced(model, inputs, sequences, num_replay):
     return layout, out
 
 
-@pytest.fixture(scope="module", params=BACKBONES)
+@pytest.fixture(scope="module", params=ALL_BACKBONES)
 def model_and_processor(request, all_vedas_dirs):
     model, processor = load_vedas(all_vedas_dirs[request.param])
     return perturb_vedas(model), processor
@@ -215,7 +214,7 @@ def test_soft_mix_inserts_one_token_per_step(all_vedas_dirs):
     torch.testing.assert_close(forced.logits[:, -4], out.scores[0], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", ALL_BACKBONES)
 def test_no_latent_steps_is_the_base_model(backbone, all_base_dirs, all_vedas_dirs):
     from vedas_trainer.checkpoint import load_base
 
@@ -236,7 +235,7 @@ def test_prompt_without_image_skips_replay_with_a_warning(model_and_processor):
     assert (out == model.config.latent_token_id).sum().item() == 2
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", ALL_BACKBONES)
 def test_saliency_is_the_last_query_attention_over_visual_tokens(backbone, all_vedas_dirs):
     """Step 1 replays the top-K visual tokens of the <|start_latent|> row of attention, averaged over layers and
     heads, weighted by the softmax of those scores: checked against eager attention maps of the backbone (on
@@ -249,3 +248,4 @@ def test_saliency_is_the_last_query_attention_over_visual_tokens(backbone, all_v
     top = saliency.topk(4)
     assert out.latent_trace[0]["replay_indices"][0].tolist() == top.indices.tolist()
     torch.testing.assert_close(out.latent_trace[0]["replay_weights"][0], top.values.softmax(-1), atol=1e-5, rtol=1e-4)
+

@@ -12,8 +12,7 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from backbones import BACKBONES, all_base_dirs, all_vedas_dirs  # noqa: F401 (fixtures over every backbone)
-from conftest import load_vedas, make_inputs, perturb_vedas, quadrant_image
+from conftest import ALL_BACKBONES, load_vedas, make_inputs, perturb_vedas, quadrant_image
 from vedas.routing_vedas import DepthStepEmbedding, VedasCache
 from vedas_trainer.checkpoint import BACKBONES as CLASSES
 
@@ -22,7 +21,7 @@ QUESTIONS = ["what colour is the arrow in the final cell ?", "which ?"]
 TEXTS = ["the arrow moves left then down to the final cell", "red", "which colour is the start cell ?"]
 
 
-@pytest.fixture(params=BACKBONES)
+@pytest.fixture(params=ALL_BACKBONES)
 def backbone(request):
     return request.param
 

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from backbones import all_base_dirs, all_vedas_dirs  # noqa: F401 (fixtures)
 from conftest import load_vedas, make_inputs, perturb_vedas, quadrant_image
 from vedas.configuration_vedas import Vedas3Config
 from vedas.modeling_vedas import Vedas3ForConditionalGeneration, _DeepStack

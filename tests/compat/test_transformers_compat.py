@@ -4,8 +4,9 @@ The range is one constant (configuration_vedas.TRANSFORMERS_RANGE), checked when
 one-line ImportError naming both versions) and stated by setup.py's requirement and by every checkpoint's card.
 
 The core equivalences, through the remote code as a user meets it (`AutoModel.from_pretrained(...,
-trust_remote_code=True)`): converted == base, cache == no cache, batch == singles, save -> load, latent generate
-with its trace, and beam search with latent steps.
+trust_remote_code=True)`), on every backbone (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: its DeepStack, interleaved M-RoPE and
+decoder layer come from the installed transformers): converted == base, cache == no cache, batch == singles,
+save -> load, latent generate with its trace, and beam search with latent steps.
 
 In the main suite the checkpoints are the session's (tests/conftest.py). The CI compatibility job (`.ci/compat`)
 writes them once with the main environment (tests/compat/write_checkpoints.py) and runs this file in one venv per
@@ -25,7 +26,9 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
-from conftest import BACKBONES, answer_log_probs, make_inputs, no_eos, perturb_vedas, quadrant_image, two_prompts
+from conftest import (
+    ALL_BACKBONES, answer_log_probs, make_inputs, no_eos, perturb_vedas, quadrant_image, two_prompts,
+)
 from vedas import configuration_vedas
 from vedas.configuration_vedas import TRANSFORMERS_RANGE, check_transformers_version, transformers_requirement
 
@@ -38,9 +41,9 @@ def compat_dirs(request):
     """backbone -> (base folder, Vedas folder)."""
     root = os.environ.get(CHECKPOINTS_ENV)
     if not root:
-        bases, vedas = request.getfixturevalue("base_dirs"), request.getfixturevalue("vedas_dirs")
-        return {b: (Path(bases[b]), Path(vedas[b])) for b in BACKBONES}
-    dirs = {b: (Path(root) / f"base-{b}", Path(root) / f"vedas-{b}") for b in BACKBONES}
+        bases, vedas = request.getfixturevalue("all_base_dirs"), request.getfixturevalue("all_vedas_dirs")
+        return {b: (Path(bases[b]), Path(vedas[b])) for b in ALL_BACKBONES}
+    dirs = {b: (Path(root) / f"base-{b}", Path(root) / f"vedas-{b}") for b in ALL_BACKBONES}
     missing = [str(p) for pair in dirs.values() for p in pair if not (p / "config.json").is_file()]
     assert not missing, f"{CHECKPOINTS_ENV}={root} lacks {missing} (tests/compat/write_checkpoints.py writes them)"
     return dirs
@@ -53,7 +56,7 @@ def load_remote(folder):
     return model, processor
 
 
-@pytest.fixture(scope="module", params=BACKBONES)
+@pytest.fixture(scope="module", params=ALL_BACKBONES)
 def remote(request, compat_dirs):
     """(perturbed model, processor) of one backbone, loaded as remote code: routing really changes the numbers."""
     model, processor = load_remote(compat_dirs[request.param][1])
@@ -71,7 +74,7 @@ def test_this_transformers_is_the_one_under_test():
     assert Path(transformers.__file__).resolve().is_relative_to(Path(sys.prefix).resolve()), transformers.__file__
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", ALL_BACKBONES)
 def test_converted_equals_base(backbone, compat_dirs):
     """At e(d) = 0 the converted checkpoint computes its base's logits exactly, under this transformers."""
     base_dir, vedas_dir = compat_dirs[backbone]

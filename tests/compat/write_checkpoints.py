@@ -1,5 +1,6 @@
-"""Write the compatibility job's checkpoints: for each backbone a tiny base (`base-<backbone>`) and its Vedas
-conversion (`vedas-<backbone>`, with the test suite's settings), by this repository's code.
+"""Write the compatibility job's checkpoints: for each backbone (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) a tiny base
+(`base-<backbone>`) and its Vedas conversion (`vedas-<backbone>`, with the test suite's settings for that backbone),
+by this repository's code.
 
     python tests/compat/write_checkpoints.py OUT_DIR
 """
@@ -9,19 +10,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: the suite's conftest settings
 
-from conftest import BACKBONES, TEST_OVERRIDES  # noqa: E402
+from conftest import ALL_BACKBONES, BACKBONE_OVERRIDES  # noqa: E402
 from vedas_trainer.checkpoint import convert_base  # noqa: E402
 from vedas_trainer.tiny_base import build_tiny_base  # noqa: E402
 
 
 def main(out: str) -> int:
     root = Path(out)
-    for backbone in BACKBONES:
+    for backbone in ALL_BACKBONES:
         build_tiny_base(backbone, str(root / f"base-{backbone}"), seed=0)
-        convert_base(root / f"base-{backbone}", root / f"vedas-{backbone}", overrides=TEST_OVERRIDES)
+        convert_base(root / f"base-{backbone}", root / f"vedas-{backbone}", overrides=BACKBONE_OVERRIDES[backbone])
     import transformers
 
-    print(f"Wrote {', '.join(BACKBONES)} checkpoints with transformers {transformers.__version__} to {root}")
+    print(f"Wrote {', '.join(ALL_BACKBONES)} checkpoints with transformers {transformers.__version__} to {root}")
     return 0
 
 
