@@ -130,6 +130,54 @@ def _warn_misspelt(kwargs: dict):
             )
 
 
+@dataclass(frozen=True)
+class LatentBlock:
+    """The column arithmetic of a latent block with R = `slots` replay slots per step, the one place that says where
+    each token of `VedasSettings.latent_block_ids` sits. Offsets count from `<|start_latent|>` (offset 0):
+
+        offset  0                 1 .. R           R + 1        ...  first(t) .. first(t) + R   ...  T (R + 1) + 1
+        token   <|start_latent|>  <|replay|> x R   <|latent|>        step t: R slots, then z(t)      <|end_latent|>
+
+    Step t (1-based) covers `step_width` columns from `step_first(t)`; its latent sits at `latent_in_step` within
+    them, its replay slots at the others. The token ids (`step_ids`), the model's layout (`_LatentLayout`), its
+    layout check, `expand_latent_sequences` and the lockstep padding all read these, so that one edit here changes
+    the layout everywhere. Offsets accept ints or integer tensors (per-row step counts)."""
+
+    slots: int  # R
+
+    @property
+    def step_width(self) -> int:
+        """Columns of one step: its R replay slots and its latent."""
+        return self.slots + 1
+
+    @property
+    def latent_in_step(self) -> int:
+        """Where the latent sits among its step's columns: after the R replay slots (Coconut: B(t), then z(t))."""
+        return self.slots
+
+    def step_first(self, step):
+        """The offset of step `step`'s first column (1-based steps)."""
+        return 1 + (step - 1) * self.step_width
+
+    def latent_offset(self, step):
+        """The offset of z(step)."""
+        return self.step_first(step) + self.latent_in_step
+
+    def replay_offsets(self, step: int) -> list[int]:
+        """The offsets of step `step`'s R replay slots, in order."""
+        first = self.step_first(step)
+        return [first + i for i in range(self.step_width) if i != self.latent_in_step]
+
+    def end_offset(self, num_steps):
+        """The offset of `<|end_latent|>` after `num_steps` steps; also the number of columns after the marker that
+        the steps and `<|end_latent|>` take."""
+        return self.step_first(num_steps + 1)
+
+    def step_ids(self, replay_id: int, latent_id: int) -> list[int]:
+        """The token ids of one step, in column order."""
+        return [latent_id if i == self.latent_in_step else replay_id for i in range(self.step_width)]
+
+
 @dataclass(kw_only=True, repr=False)
 class VedasSettings:
     r"""
@@ -316,6 +364,10 @@ class VedasSettings:
             return 0
         return 1 if self.replay_mode == "soft_mix" else num_replay_tokens
 
+    def latent_block(self, num_replay_tokens: int) -> LatentBlock:
+        """The column arithmetic of a latent block for K = `num_replay_tokens` (R = `replay_slots(K)`)."""
+        return LatentBlock(self.replay_slots(num_replay_tokens))
+
     def latent_block_ids(self, num_steps: int, num_replay_tokens: int | None = None, *, start: bool = True,
                          end: bool = True) -> list[int]:
         """The token ids of a latent block, the one definition of the sequence layout (docs/design.md, section 2)
@@ -326,7 +378,7 @@ class VedasSettings:
         with T = `num_steps` and R = `replay_slots(K)` (K defaults to `num_replay_tokens`; K = 0 gives the compact
         form `generate` returns). `start` / `end` leave out the markers."""
         k = self.num_replay_tokens if num_replay_tokens is None else num_replay_tokens
-        step = [self.replay_token_id] * self.replay_slots(k) + [self.latent_token_id]
+        step = self.latent_block(k).step_ids(self.replay_token_id, self.latent_token_id)
         return [self.start_latent_token_id] * start + step * num_steps + [self.end_latent_token_id] * end
 
     def routing_topk_for_layer(self, layer_idx: int) -> int | float:

@@ -25,6 +25,7 @@ from .configuration_vedas import (
     CACHE_ARG,
     MAX_LATENT_STEPS,
     MAX_REPLAY_TOKENS,
+    LatentBlock,
     Vedas3Config,
     Vedas25Config,
     VedasConfig,
@@ -117,21 +118,30 @@ class VedasGenerateOutput(ModelOutput):
 
 @dataclass
 class _LatentLayout:
-    """Where the latent block of a batch sits (`config.latent_block_ids` defines its tokens)."""
+    """Where the latent block of a batch sits: its `<|start_latent|>` column, and the block's column arithmetic
+    (`LatentBlock`, the one definition of where each step's replay slots and latent are)."""
 
     start: int  # column of <|start_latent|> (the same in every row)
     steps: torch.Tensor  # (batch,) latent steps of each row
     num_steps: int  # max over rows
-    slots: int  # replay slots per step (R)
+    block: LatentBlock  # R replay slots then the latent, per step
 
-    def replay_columns(self, step: int) -> range:
+    @property
+    def slots(self) -> int:
+        """R, the replay slots per step."""
+        return self.block.slots
+
+    def replay_columns(self, step: int) -> list[int]:
         """The R replay slots of step `step` (1-based): they follow z(step - 1), or the marker for step 1."""
-        first = self.start + 1 + (step - 1) * (self.slots + 1)
-        return range(first, first + self.slots)
+        return [self.start + offset for offset in self.block.replay_offsets(step)]
 
     def latent_column(self, step: int) -> int:
         """The column of z(step) (1-based), right after its replay slots."""
-        return self.start + step * (self.slots + 1)
+        return self.start + self.block.latent_offset(step)
+
+    def end_column(self, num_steps):
+        """The column of `<|end_latent|>` after `num_steps` steps (an int, or a tensor of per-row counts)."""
+        return self.start + self.block.end_offset(num_steps)
 
 
 @dataclass
@@ -326,7 +336,7 @@ def _pad_for_steps(module, layout: _LatentLayout, input_ids, mask, mm_token_type
     steps than another rank's gains passes that none of its rows uses (like a row with fewer steps than its batch)
     and, where its columns run out, masked columns on the right (`_latent_forward` drops them again)."""
     steps = _agree_across_ranks(module, [layout.num_steps])[0]
-    extra = layout.latent_column(steps) + 2 - input_ids.shape[1] if steps > layout.num_steps else 0
+    extra = layout.end_column(steps) + 1 - input_ids.shape[1] if steps > layout.num_steps else 0
     layout.num_steps = steps
     if extra <= 0:
         return input_ids, mask, mm_token_type_ids, labels
@@ -745,7 +755,8 @@ class VedasMixin:
                 f"<|start_latent|> sits in different columns across the batch ({start_columns.tolist()}); left-pad the "
                 f"prompts so that the latent block starts in the same column (the Vedas collator does this)."
             )
-        layout = _LatentLayout(start=int(start_columns), steps=steps, num_steps=int(steps.max()), slots=slots)
+        layout = _LatentLayout(start=int(start_columns), steps=steps, num_steps=int(steps.max()),
+                               block=cfg.latent_block(num_replay))
         self._check_block_tokens(input_ids, layout, has_start, num_replay)
         return layout
 
@@ -754,28 +765,28 @@ class VedasMixin:
         `config.latent_block_ids` lays them out (naming the row)."""
         cfg, steps, slots = self.config, layout.steps, layout.slots
         available = input_ids.shape[1] - layout.start - 1
-        needed = steps * (slots + 1) + 1
-        if bool((needed > available).any()):
-            row = int((needed > available).int().argmax())
+        end_col = layout.end_column(steps) - layout.start  # offsets from the marker; fewer steps close earlier
+        if bool((end_col > available).any()):
+            row = int((end_col > available).int().argmax())
             raise ValueError(
                 f"Sample {row} of the batch has a malformed latent layout: its {int(steps[row])} <|latent|> slots "
-                f"with {slots} <|replay|> slots each need {int(needed[row])} columns after <|start_latent|>, "
+                f"with {slots} <|replay|> slots each need {int(end_col[row])} columns after <|start_latent|>, "
                 f"only {available} follow."
             )
-        width = int(needed.max())
+        width = int(end_col.max())
         block = input_ids[:, layout.start + 1 : layout.start + 1 + width]
         longest = cfg.latent_block_ids(num_steps=layout.num_steps, num_replay_tokens=num_replay, start=False)
         expected = torch.tensor(longest, device=input_ids.device)[None].expand(input_ids.shape[0], -1)
-        position = torch.arange(width, device=input_ids.device)[None]
-        end_col = steps[:, None] * (slots + 1)  # a row with fewer steps closes its block earlier
-        expected = torch.where(position == end_col, cfg.end_latent_token_id, expected)
-        bad = ((block != expected) & (position <= end_col) & has_start[:, None]).any(-1)
+        offset = torch.arange(1, width + 1, device=input_ids.device)[None]
+        end_col = end_col[:, None]
+        expected = torch.where(offset == end_col, cfg.end_latent_token_id, expected)
+        bad = ((block != expected) & (offset <= end_col) & has_start[:, None]).any(-1)
         if bool(bad.any()):
             row = int(bad.int().argmax())
             raise ValueError(
                 f"Sample {row} of the batch has a malformed latent layout: after <|start_latent|> it needs "
                 f"{int(steps[row])} x ({slots} <|replay|> + <|latent|>) then <|end_latent|>, got token ids "
-                f"{block[row, : int(end_col[row]) + 1].tolist()}."
+                f"{block[row, : int(end_col[row])].tolist()}."
             )
 
     def _latent_position_ids(self, input_ids, attention_mask, mm_token_type_ids, image_grid_thw):
@@ -1139,10 +1150,11 @@ class VedasMixin:
         (teacher forcing). The block must sit in the same columns in every row, as `generate` returns it. Returns
         `(input_ids, attention_mask, mm_token_type_ids)`; a block that already has its slots comes back as is."""
         cfg = self.config
-        slots = self._replay_slots(_per_call("num_replay_tokens", num_replay_tokens, cfg, MAX_REPLAY_TOKENS))
-        block = self._latent_block(input_ids)
-        latent = (input_ids == cfg.latent_token_id) & block
-        if slots == 0 or not bool(latent.any()) or bool(((input_ids == cfg.replay_token_id) & block).any()):
+        num_replay = _per_call("num_replay_tokens", num_replay_tokens, cfg, MAX_REPLAY_TOKENS)
+        in_block = self._latent_block(input_ids)
+        latent = (input_ids == cfg.latent_token_id) & in_block
+        if (self._replay_slots(num_replay) == 0 or not bool(latent.any())
+                or bool(((input_ids == cfg.replay_token_id) & in_block).any())):
             return input_ids, attention_mask, mm_token_type_ids
         moved = (latent != latent[:1]).any(-1)
         if bool(moved.any()):
@@ -1150,11 +1162,12 @@ class VedasMixin:
                 f"Row {int(moved.int().argmax())} of input_ids has its <|latent|> slots in other columns than row 0: "
                 f"left-pad the rows so that the latent block sits in the same columns in every row."
             )
-        repeats = 1 + slots * latent[0].long()  # each latent column becomes R replay slots and itself
+        block = cfg.latent_block(num_replay)  # each latent column becomes its whole step: R replay slots and itself
+        repeats = torch.where(latent[0], block.step_width, 1)
         columns = torch.arange(input_ids.shape[1], device=input_ids.device)
         source = torch.repeat_interleave(columns, repeats)
         copy = torch.arange(source.shape[0], device=input_ids.device) - (repeats.cumsum(0) - repeats)[source]
-        is_slot = copy < repeats[source] - 1
+        is_slot = latent[0][source] & (copy != block.latent_in_step)  # a step's columns other than its latent's
         input_ids = input_ids[:, source].masked_fill(is_slot[None], cfg.replay_token_id)
         attention_mask = attention_mask[:, source] if attention_mask is not None else None
         mm_token_type_ids = mm_token_type_ids[:, source] if mm_token_type_ids is not None else None

@@ -249,3 +249,55 @@ def test_saliency_is_the_last_query_attention_over_visual_tokens(backbone, all_v
     assert out.latent_trace[0]["replay_indices"][0].tolist() == top.indices.tolist()
     torch.testing.assert_close(out.latent_trace[0]["replay_weights"][0], top.values.softmax(-1), atol=1e-5, rtol=1e-4)
 
+
+@pytest.fixture(scope="module")
+def qwen2(vedas_dirs):
+    return load_vedas(vedas_dirs["qwen2_vl"])
+
+
+@pytest.mark.parametrize("num_replay, replay_mode", [(0, "tokens"), (1, "tokens"), (3, "tokens"), (3, "soft_mix")])
+def test_the_latent_block_columns_have_one_source(qwen2, num_replay, replay_mode, monkeypatch):
+    """`LatentBlock` is the one place that says where each step's replay slots, its latent and `<|end_latent|>`
+    sit: the token ids (`latent_block_ids`), the parsed layout (`_LatentLayout`), its check (`_check_block_tokens`),
+    `expand_latent_sequences` and the lockstep padding (`_pad_for_steps`) must all agree with it."""
+    from vedas import modeling_vedas
+
+    model, processor = qwen2
+    cfg = model.config
+    monkeypatch.setattr(cfg, "replay_mode", replay_mode)
+    block = cfg.latent_block(num_replay)
+    token = {"start": cfg.start_latent_token_id, "replay": cfg.replay_token_id, "latent": cfg.latent_token_id,
+             "end": cfg.end_latent_token_id}
+    prompt = processor.tokenizer("what is it ?", add_special_tokens=False)["input_ids"]
+    pad = cfg.text_config.pad_token_id or 0
+    rows = []
+    for steps in (3, 1):  # the arithmetic's columns hold the ids' tokens, each column exactly once
+        where = {0: "start", block.end_offset(steps): "end"}
+        for t in range(1, steps + 1):
+            where.update({offset: "replay" for offset in block.replay_offsets(t)})
+            where[block.latent_offset(t)] = "latent"
+        ids = cfg.latent_block_ids(num_steps=steps, num_replay_tokens=num_replay)
+        assert sorted(where) == list(range(len(ids))) and [token[where[o]] for o in range(len(ids))] == ids
+        rows.append(prompt + ids)
+    width = max(map(len, rows))
+    input_ids = torch.tensor([row + [pad] * (width - len(row)) for row in rows])
+    layout = model._parse_latent_layout(input_ids, num_replay)  # runs _check_block_tokens too
+    start = len(prompt)
+    assert layout.start == start and layout.steps.tolist() == [3, 1]
+    for t in (1, 2, 3):
+        assert input_ids[0, layout.latent_column(t)] == cfg.latent_token_id
+        assert all(input_ids[0, c] == cfg.replay_token_id for c in layout.replay_columns(t))
+    assert layout.end_column(layout.steps).tolist() == [start + block.end_offset(3), start + block.end_offset(1)]
+    # generate's compact form expands to the same ids
+    compact = torch.tensor([prompt + cfg.latent_block_ids(num_steps=3, num_replay_tokens=0)])
+    assert model.expand_latent_sequences(compact, num_replay_tokens=num_replay)[0][0].tolist() == rows[0]
+    if block.slots:  # a step whose latent and last replay slot trade places is refused
+        swapped = input_ids.clone()
+        column = layout.latent_column(2)
+        swapped[0, column - 1], swapped[0, column] = cfg.latent_token_id, cfg.replay_token_id
+        with pytest.raises(ValueError, match="Sample 0 .* malformed latent layout"):
+            model._parse_latent_layout(swapped, num_replay)
+    # lockstep padding past the parsed block: room for two more steps and their <|end_latent|>
+    monkeypatch.setattr(modeling_vedas, "_agree_across_ranks", lambda module, values: [5])
+    padded, *_ = modeling_vedas._pad_for_steps(model, layout, input_ids, torch.ones_like(input_ids), None, None)
+    assert padded.shape[1] == layout.end_column(5) + 1 > layout.latent_column(5)
