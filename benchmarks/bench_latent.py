@@ -154,24 +154,47 @@ def make_variants(base, vedas, vedas_off, inputs, cot_tokens):
     }
 
 
-def time_variants(variants, repeats, slow=(), slow_repeats=None):
-    """Wall ms per variant as (median, min, max, runs), and each variant's warm-up output.
+def time_variants(variants, repeats, inner=1, slow=(), slow_repeats=None, seed=0):
+    """Wall ms of every call, per variant and repeat (`{name: [ms per repeat]}`), and each variant's warm-up output.
 
-    One warm-up each; then `repeats` rounds over the fast variants, in a freshly shuffled (seeded) order every
-    round, so that no variant always follows the same one (what ran before measurably changes allocator and cache
-    state); then `slow_repeats` rounds over the `slow` ones (use_cache=False, CoT)."""
-    times = {name: [] for name in variants}
+    One warm-up each; then `repeats` rounds. A round runs every variant `inner` times, interleaved (A B C A B C,
+    never A A B B), in a freshly shuffled (seeded) order, so that a slow spell of the machine, or the allocator and
+    cache state that one variant leaves behind, hits all variants of the round alike; a repeat's time is the mean of
+    its `inner` calls. The `slow` variants (use_cache=False, CoT) take part in the first `slow_repeats` rounds only.
+    Ratios are then taken within each round (`ratio_stats`)."""
     outputs = {name: fn() for name, fn in variants.items()}
-    fast = [name for name in variants if name not in slow]
-    rng = random.Random(0)
-    rounds = [rng.sample(fast, len(fast)) for _ in range(repeats)]
-    rounds += [[name for name in variants if name in slow]] * (repeats if slow_repeats is None else slow_repeats)
-    for names in rounds:
-        for name in names:
-            start = time.perf_counter()
-            variants[name]()
-            times[name].append((time.perf_counter() - start) * 1000)
-    return {name: (statistics.median(v), min(v), max(v), len(v)) for name, v in times.items()}, outputs
+    times = {name: [] for name in variants}
+    rng = random.Random(seed)
+    slow_repeats = repeats if slow_repeats is None else min(slow_repeats, repeats)
+    for round_index in range(repeats):
+        names = [name for name in variants if name not in slow or round_index < slow_repeats]
+        order = rng.sample(names, len(names))
+        spent = dict.fromkeys(order, 0.0)
+        for _ in range(inner):
+            for name in order:
+                start = time.perf_counter()
+                variants[name]()
+                spent[name] += (time.perf_counter() - start) * 1000
+        for name in order:
+            times[name].append(spent[name] / inner)
+    return times, outputs
+
+
+def spread_stats(values) -> dict:
+    """Median, quartiles, IQR, min, max and max - min of a list of numbers."""
+    values = sorted(values)
+    if len(values) == 1:
+        q1 = q3 = values[0]
+    else:
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return {"median": statistics.median(values), "q1": q1, "q3": q3, "iqr": q3 - q1, "min": values[0],
+            "max": values[-1], "range": values[-1] - values[0], "n": len(values)}
+
+
+def ratio_stats(times, top, bottom) -> dict:
+    """`spread_stats` of the per-round ratios top / bottom (rounds where both ran: the slow variants run in the
+    first rounds only), so that machine noise common to a round cancels."""
+    return spread_stats([a / b for a, b in zip(times[top], times[bottom])])
 
 
 # ------------------------------------------------------------------------------------------------ memory
@@ -219,13 +242,16 @@ def saliency_memory(vedas_off, eager, base, inputs):
         return out.attentions
 
     rows = {}
-    rows["sdpa prefill (Vedas, RDS off), no saliency"] = peak_tensor_bytes(lambda: ours(False))
-    rows["sdpa prefill + our saliency row"] = peak_tensor_bytes(lambda: ours(True))
-    rows["sdpa prefill (base), no attentions"] = peak_tensor_bytes(lambda: theirs(base.model.language_model, False))
+    rows["sdpa prefill (Vedas, RDS off, VedasCache), no saliency"] = peak_tensor_bytes(lambda: ours(False))
+    rows["sdpa prefill (VedasCache) + our saliency row"] = peak_tensor_bytes(lambda: ours(True))
+    rows["sdpa prefill (base), no cache"] = peak_tensor_bytes(lambda: theirs(base.model.language_model, False))
+    rows["sdpa prefill (base), DynamicCache"] = peak_tensor_bytes(lambda: base.model.language_model(
+        inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
+        past_key_values=DynamicCache(config=base.config.text_config)))
     rows["eager prefill (base), no attentions"] = peak_tensor_bytes(lambda: theirs(eager.model.language_model, False))
     rows["eager prefill + output_attentions=True"] = peak_tensor_bytes(lambda: theirs(eager.model.language_model,
                                                                                       True))
-    ours_kept = rows["sdpa prefill + our saliency row"][1]
+    ours_kept = rows["sdpa prefill (VedasCache) + our saliency row"][1]
     theirs_kept = rows["eager prefill + output_attentions=True"][1]
     kept = {
         "ours": ours_kept.numel() * ours_kept.element_size() if ours_kept is not None else 0,
@@ -344,16 +370,148 @@ def profile_latent(vedas, base, inputs, runs=3, top=12):
 
 
 # ------------------------------------------------------------------------------------------------ main
+RATIOS = [  # (label, numerator, denominator, note); names as in make_variants
+    ("latent / No-CoT", "latent (T=4, K=32, cached)", "No-CoT (T=0, 4 tok)", "issue 4 aim ≤ 1.3 is a GPU figure"),
+    ("CoT / latent", "CoT", "latent (T=4, K=32, cached)", "higher is better"),
+    ("uncached / cached latent", "latent, use_cache=False", "latent (T=4, K=32, cached)", "cost of use_cache=False"),
+    ("**latent / ideal latent**", "latent (T=4, K=32, cached)", "ideal latent (base, bare loop)", "target ≤ 1.10"),
+    ("ideal latent / ideal No-CoT", "ideal latent (base, bare loop)", "ideal No-CoT (base, bare loop)",
+     "the least a latent phase costs"),
+    ("No-CoT / ideal No-CoT", "No-CoT (T=0, 4 tok)", "ideal No-CoT (base, bare loop)", "generate + RDS, no latents"),
+    ("latent RDS-off / ideal latent", "latent, RDS off", "ideal latent (base, bare loop)", "target ≤ 1.05"),
+    ("latent / latent RDS-off", "latent (T=4, K=32, cached)", "latent, RDS off", "RDS cost in latent generate"),
+    ("base generate / ideal No-CoT", "base generate (4 tok)", "ideal No-CoT (base, bare loop)", "HF loop overhead"),
+]
+SPREAD_TARGET = 0.03
+
+
 def fmt_mb(num_bytes):
     return f"{num_bytes / 2**20:.3f}"
+
+
+def machine_state() -> dict:
+    """What says how busy the machine is: load averages and torch's thread counts."""
+    return {"load": os.getloadavg(), "threads": torch.get_num_threads(), "interop": torch.get_num_interop_threads()}
+
+
+def measure_size(args, size_name, root) -> dict:
+    """Build one size's models, time the variants, record the facts and optional memory / profile tables."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        base, eager, vedas, vedas_off, processor = build_models(args.backbone, SIZES[size_name], root)
+    inputs = make_inputs(processor, [QUESTION], [quadrant_image((448, 448))])
+    variants = make_variants(base, vedas, vedas_off, inputs, args.cot_tokens)
+    variants["CoT"] = variants.pop(f"CoT (T=0, {args.cot_tokens} tok)")
+    before = machine_state()
+    start = time.perf_counter()
+    times, outputs = time_variants(variants, args.repeats, inner=args.inner, slow={"latent, use_cache=False", "CoT"},
+                                   slow_repeats=args.slow_repeats)
+    seconds = time.perf_counter() - start
+    # facts printed next to the table (not asserted): same tokens with and without the cache, and how many tokens
+    # the RDS second pass re-ran per routing layer (prefill, then latent chunks 1-3)
+    trace = vedas.generate(**inputs, num_latent_steps=STEPS, num_replay_tokens=REPLAY, do_sample=False,
+                           min_new_tokens=ANSWER, max_new_tokens=ANSWER, return_dict_in_generate=True,
+                           output_latent_trace=True).latent_trace
+    selected = {}
+    for step in trace:
+        for (layer, _), (_, sel) in sorted(step["router_scores"].items()):
+            selected.setdefault(f"L{layer}", []).append(int(sel.sum()))
+    result = {
+        "sizes": SIZES[size_name], "times": times, "seconds": seconds, "before": before, "after": machine_state(),
+        "prompt": inputs["input_ids"].shape[1], "selected": selected,
+        "visual": int((inputs["input_ids"] == vedas.config.image_token_id).sum()),
+        "same": torch.equal(outputs["latent (T=4, K=32, cached)"], outputs["latent, use_cache=False"]),
+    }
+    if not args.no_memory:
+        result["memory"] = saliency_memory(vedas_off, eager, base, inputs)
+    if args.profile:
+        result["profile"] = profile_latent(vedas, base, inputs)
+    return result
+
+
+def print_timing(size_name, res, args):
+    sizes, before, after = res["sizes"], res["before"], res["after"]
+    print(f"## {size_name}: hidden {sizes.hidden_size}, {sizes.num_hidden_layers} layers, "
+          f"{sizes.num_attention_heads} heads / {sizes.num_key_value_heads} kv, prompt {res['prompt']} tokens "
+          f"({res['visual']} visual)\n")
+    print(f"torch threads {before['threads']} (inter-op {before['interop']}) on {os.cpu_count()} CPUs; load average "
+          f"(1/5/15 min) before {'/'.join(f'{x:.1f}' for x in before['load'])}, after "
+          f"{'/'.join(f'{x:.1f}' for x in after['load'])}; timing took {res['seconds']:.0f} s.\n")
+    print("| variant | median ms | IQR ms | min ms | max ms | repeats |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, values in res["times"].items():
+        st = spread_stats(values)
+        print(f"| {name} | {st['median']:.1f} | {st['iqr']:.1f} | {st['min']:.1f} | {st['max']:.1f} | {st['n']} |")
+    print(f"\nuse_cache=False gives the cached tokens: {res['same']}. Tokens re-run by the RDS second pass per "
+          f"routing layer, in the prefill then latent chunks 1-3 (of {REPLAY + 1}): {res['selected']}\n")
+
+
+def print_ratios(summary):
+    """Per size: the median of the per-round ratios, their IQR and max - min; the spread the estimate is judged by
+    is the IQR (`SPREAD_TARGET`)."""
+    print("## Ratios (per round, then the median over the rounds; spread = IQR, and max - min)\n")
+    print("| ratio | " + " | ".join(f"{s} median | {s} IQR | {s} max-min" for s in summary) + " | note |")
+    print("|---|" + "---:|---:|---:|" * len(summary) + "---|")
+    worst = {}
+    for label, top, bottom, note in RATIOS:
+        cells = []
+        for size_name, res in summary.items():
+            st = ratio_stats(res["times"], top, bottom)
+            cells += [f"{st['median']:.3f}", f"{st['iqr']:.3f}", f"{st['range']:.3f}"]
+            worst[size_name] = max(worst.get(size_name, 0.0), st["iqr"] if st["n"] > 3 else 0.0)
+        print(f"| {label} | " + " | ".join(cells) + f" | {note} |")
+    for size_name, iqr in worst.items():
+        verdict = "under" if iqr < SPREAD_TARGET else "NOT under"
+        print(f"\n{size_name}: the largest IQR of a ratio is {iqr:.3f}, {verdict} the {SPREAD_TARGET} target"
+              + ("" if iqr < SPREAD_TARGET else " (more --inner calls per repeat shorten it roughly as "
+                 "1/sqrt(inner); a loaded machine widens it)") + ".")
+
+
+def print_memory(memory):
+    print("\n## Saliency memory (one prompt prefill)\n")
+    print("Peak bytes of tensors allocated during the prefill, from torch.profiler's memory timeline "
+          "(profile_memory=True; weights and inputs excluded; fused-kernel scratch not seen). Same embeddings "
+          "and positions for every row. Compare rows with the same cache setting: a prefill that fills a KV "
+          "cache keeps its keys and values (2 x layers x kv heads x head_dim x prompt x 4 bytes).\n")
+    print("| prefill | " + " | ".join(f"{s} peak MiB" for s in memory) + " |")
+    print("|---|" + "---:|" * len(memory))
+    for name in next(iter(memory.values()))[0]:
+        print(f"| {name} | " + " | ".join(fmt_mb(m[0][name]) for m in memory.values()) + " |")
+    print("| returned: our saliency `(batch, visual)` | "
+          + " | ".join(fmt_mb(m[1]["ours"]) for m in memory.values()) + " |")
+    print("| returned: output_attentions `L x (batch, heads, n, n)` | "
+          + " | ".join(fmt_mb(m[1]["output_attentions"]) for m in memory.values()) + " |")
+    print("| transient per layer, ours `(batch, heads, n)` fp32 | "
+          + " | ".join(fmt_mb(m[1]["row per layer"]) for m in memory.values()) + " |")
+    for size_name, (peaks, kept, (layers, heads, n)) in memory.items():
+        extra_ours = peaks["sdpa prefill (VedasCache) + our saliency row"] - peaks["sdpa prefill (Vedas, RDS off, VedasCache), no saliency"]
+        extra_eager = peaks["eager prefill + output_attentions=True"] - peaks["eager prefill (base), no attentions"]
+        same_cache = peaks["sdpa prefill (Vedas, RDS off, VedasCache), no saliency"] / peaks["sdpa prefill (base), DynamicCache"]
+        print(f"\n{size_name}: Vedas RDS-off / base prefill, both filling a cache: {same_cache:.3f}. Saliency adds "
+              f"{fmt_mb(extra_ours)} MiB to the sdpa prefill peak; output_attentions adds {fmt_mb(extra_eager)} MiB "
+              f"to the eager one ({layers} layers x {heads} heads x {n}² fp32 maps kept).")
+
+
+def print_profiles(profiles):
+    for size_name, (split, second_passes, ops) in profiles.items():
+        print(f"\n## Where the time of a cached latent generate goes ({size_name}; medians of 3, interleaved)\n")
+        print("| phase | Vedas ms | ideal (base) ms |")
+        print("|---|---:|---:|")
+        for label, ours, ideal in split:
+            print(f"| {label} | {ours:.1f} | {'' if ideal is None else f'{ideal:.1f}'} |")
+        print(f"\nRDS second passes run per latent generate (routing layer x forward with >= 1 token selected): "
+              f"{second_passes:.0f}\n")
+        print("Top ATen ops by self CPU time (torch.profiler, one cached latent generate):\n")
+        print("```\n" + ops.strip() + "\n```")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="tiny,mid", help="comma-separated: tiny, mid")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--slow-repeats", type=int, default=3,
-                        help="repeats for the slow variants (use_cache=False, CoT), at most --repeats")
+    parser.add_argument("--repeats", type=int, default=20, help="rounds; every variant runs in each round")
+    parser.add_argument("--inner", type=int, default=3,
+                        help="calls of each variant per round, interleaved; a repeat's time is their mean")
+    parser.add_argument("--slow-repeats", type=int, default=6,
+                        help="rounds that include the slow variants (use_cache=False, CoT), at most --repeats")
     parser.add_argument("--cot-tokens", type=int, default=100)
     parser.add_argument("--backbone", default="qwen2_vl", choices=["qwen2_vl", "qwen2_5_vl"])
     parser.add_argument("--threads", type=int, default=2)
@@ -366,119 +524,23 @@ def main():
     warnings.filterwarnings("ignore")
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
-
-    summary, memory, profiles = {}, {}, {}
-    load_start = os.getloadavg()[0]
+    summary = {}
     with tempfile.TemporaryDirectory(prefix="bench_latent_") as tmp:
         for size_name in [s.strip() for s in args.sizes.split(",") if s.strip()]:
-            sizes = SIZES[size_name]
-            root = Path(tmp) / size_name
-            with contextlib.redirect_stderr(io.StringIO()):
-                base, eager, vedas, vedas_off, processor = build_models(args.backbone, sizes, root)
-            inputs = make_inputs(processor, [QUESTION], [quadrant_image((448, 448))])
-            prompt = inputs["input_ids"].shape[1]
-            visual = int((inputs["input_ids"] == vedas.config.image_token_id).sum())
-            variants = make_variants(base, vedas, vedas_off, inputs, args.cot_tokens)
+            summary[size_name] = measure_size(args, size_name, Path(tmp) / size_name)
 
-            slow = {"latent, use_cache=False", f"CoT (T=0, {args.cot_tokens} tok)"}
-            start = time.perf_counter()
-            results, outputs = time_variants(variants, args.repeats, slow=slow,
-                                             slow_repeats=min(args.slow_repeats, args.repeats))
-            seconds = time.perf_counter() - start
-
-            # facts printed next to the table (not asserted): same tokens with and without the cache, and how many
-            # tokens the RDS second pass re-ran per routing layer (prefill, then latent chunks 1-3)
-            trace = vedas.generate(**inputs, num_latent_steps=STEPS, num_replay_tokens=REPLAY, do_sample=False,
-                                   min_new_tokens=ANSWER, max_new_tokens=ANSWER, return_dict_in_generate=True,
-                                   output_latent_trace=True).latent_trace
-            selected = {}
-            for step in trace:
-                for (layer, _), (_, sel) in sorted(step["router_scores"].items()):
-                    selected.setdefault(f"L{layer}", []).append(int(sel.sum()))
-            same = torch.equal(outputs["latent (T=4, K=32, cached)"], outputs["latent, use_cache=False"])
-            facts = {"prompt tokens": prompt, "visual tokens": visual, "same tokens": same, "selected": selected}
-            summary[size_name] = (sizes, facts, results, seconds)
-            if not args.no_memory:
-                memory[size_name] = saliency_memory(vedas_off, eager, base, inputs)
-            if args.profile:
-                profiles[size_name] = profile_latent(vedas, base, inputs)
-            del base, eager, vedas, vedas_off
-
-    print(f"# Vedas latent generation benchmark ({args.backbone}, CPU, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads)\n")
-    print(f"Medians over {args.repeats} rounds (shuffled order each round) after one warm-up (use_cache=False "
-          f"and CoT: "
-          f"{min(args.slow_repeats, args.repeats)} rounds, after the others). Load average (1 min) at start / end: {load_start:.1f} / "
-          f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs: other processes share this machine, so compare "
-          f"ratios within one run, and check the min-based ratios too. T = {STEPS}, K = {REPLAY}, answers forced to {ANSWER} tokens (CoT: "
-          f"{args.cot_tokens}). RDS: routing layers {{0, 2, 4, ...}}, α = 32, perturbed router and e(d).\n")
-    for size_name, (sizes, facts, results, seconds) in summary.items():
-        print(f"## {size_name}: hidden {sizes.hidden_size}, {sizes.num_hidden_layers} layers, "
-              f"{sizes.num_attention_heads} heads / {sizes.num_key_value_heads} kv, prompt {facts['prompt tokens']} "
-              f"tokens ({facts['visual tokens']} visual)\n")
-        print("| variant | median ms | min ms | max ms | runs |")
-        print("|---|---:|---:|---:|---:|")
-        for name, (med, lo, hi, runs) in results.items():
-            print(f"| {name} | {med:.1f} | {lo:.1f} | {hi:.1f} | {runs} |")
-        print(f"\n(timing took {seconds:.0f} s) use_cache=False gives the cached tokens: {facts['same tokens']}. "
-              f"Tokens re-run by the RDS second pass per routing layer, in the prefill then latent chunks 1-3 "
-              f"(of 33): {facts['selected']}\n")
-
-    print("## Ratios (same run: of the medians, and of the minimums)\n")
-    names = list(next(iter(summary.values()))[2])
-    nocot, latent, uncached, rds_off, cot, ideal, ideal_nocot, base_gen = names
-    ratios = [
-        ("latent / No-CoT", latent, nocot, "issue 4 aim ≤ 1.3 is a GPU figure; paper ~2.5"),
-        ("CoT / latent", cot, latent, "higher is better"),
-        ("uncached / cached latent", uncached, latent, "cost of use_cache=False"),
-        ("**latent / ideal latent**", latent, ideal, "target ≤ 1.10 (latency-limit note)"),
-        ("ideal latent / ideal No-CoT", ideal, ideal_nocot, "note: ~1.5 on CPU"),
-        ("No-CoT / ideal No-CoT", nocot, ideal_nocot, "generate + RDS overhead without latents"),
-        ("latent RDS-off / ideal latent", rds_off, ideal, "overhead without RDS"),
-        ("latent / latent RDS-off", latent, rds_off, "RDS cost in latent generate"),
-        ("base generate / ideal No-CoT", base_gen, ideal_nocot, "HF generate loop overhead"),
-    ]
-    print("| ratio | " + " | ".join(f"{s} (median) | {s} (min)" for s in summary) + " | note |")
-    print("|---|" + "---:|---:|" * len(summary) + "---|")
-    for label, top, bottom, note in ratios:
-        cells = [f"{res[top][i] / res[bottom][i]:.2f}" for _, _, res, _ in summary.values() for i in (0, 1)]
-        print(f"| {label} | " + " | ".join(cells) + f" | {note} |")
-
+    print(f"# Vedas latent generation benchmark ({args.backbone}, CPU, torch {torch.__version__})\n")
+    print(f"{args.repeats} rounds after one warm-up; in each round every variant runs {args.inner} times, "
+          f"interleaved, in a shuffled order (use_cache=False and CoT: in the first {min(args.slow_repeats, args.repeats)} "
+          f"rounds). T = {STEPS}, K = {REPLAY}, answers forced to {ANSWER} tokens (CoT: {args.cot_tokens}). RDS: "
+          f"routing layers {{0, 2, 4, ...}}, α = 32, perturbed router and e(d).\n")
+    for size_name, res in summary.items():
+        print_timing(size_name, res, args)
+    print_ratios(summary)
+    memory = {name: res["memory"] for name, res in summary.items() if "memory" in res}
     if memory:
-        print("\n## Saliency memory (one prompt prefill)\n")
-        print("Peak bytes of tensors allocated during the prefill, from torch.profiler's memory timeline "
-              "(profile_memory=True; weights and inputs excluded; fused-kernel scratch not seen). Same embeddings "
-              "and positions for every row.\n")
-        print("| prefill | " + " | ".join(f"{s} peak MiB" for s in memory) + " |")
-        print("|---|" + "---:|" * len(memory))
-        for name in next(iter(memory.values()))[0]:
-            print(f"| {name} | " + " | ".join(fmt_mb(m[0][name]) for m in memory.values()) + " |")
-        print("| returned: our saliency `(batch, visual)` | "
-              + " | ".join(fmt_mb(m[1]["ours"]) for m in memory.values()) + " |")
-        print("| returned: output_attentions `L x (batch, heads, n, n)` | "
-              + " | ".join(fmt_mb(m[1]["output_attentions"]) for m in memory.values()) + " |")
-        print("| transient per layer, ours `(batch, heads, n)` fp32 | "
-              + " | ".join(fmt_mb(m[1]["row per layer"]) for m in memory.values()) + " |")
-        for size_name, (peaks, kept, (layers, heads, n)) in memory.items():
-            extra_ours = peaks["sdpa prefill + our saliency row"] - peaks["sdpa prefill (Vedas, RDS off), no saliency"]
-            extra_eager = (peaks["eager prefill + output_attentions=True"]
-                           - peaks["eager prefill (base), no attentions"])
-            print(f"\n{size_name}: saliency adds {fmt_mb(extra_ours)} MiB to the sdpa prefill peak; "
-                  f"output_attentions adds {fmt_mb(extra_eager)} MiB to the eager one "
-                  f"({layers} layers x {heads} heads x {n}² fp32 maps kept); eager itself (vs sdpa) adds "
-                  f"{fmt_mb(peaks['eager prefill (base), no attentions'] - peaks['sdpa prefill (base), no attentions'])}"
-                  f" MiB (one layer's map at a time).")
-
-    for size_name, (split, second_passes, ops) in profiles.items():
-        print(f"\n## Where the time of a cached latent generate goes ({size_name}; medians of 3, interleaved)\n")
-        print("| phase | Vedas ms | ideal (base) ms |")
-        print("|---|---:|---:|")
-        for label, ours, ideal in split:
-            print(f"| {label} | {ours:.1f} | {'' if ideal is None else f'{ideal:.1f}'} |")
-        print(f"\nRDS second passes run per latent generate (routing layer x forward with >= 1 token selected): "
-              f"{second_passes:.0f}\n")
-        print("Top ATen ops by self CPU time (torch.profiler, one cached latent generate):\n")
-        print("```\n" + ops.strip() + "\n```")
+        print_memory(memory)
+    print_profiles({name: res["profile"] for name, res in summary.items() if "profile" in res})
 
 
 if __name__ == "__main__":

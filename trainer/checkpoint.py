@@ -35,6 +35,8 @@ from vedas.modeling_vedas import (
     VedasForConditionalGeneration,
 )
 
+from vedas.routing_vedas import DepthStepEmbedding
+
 from .evaluation import DEFAULT_MAX_NEW_TOKENS
 
 
@@ -489,6 +491,52 @@ def add_special_tokens(processor) -> dict[str, int]:
     return ids
 
 
+def _vedas_from_base(base, model_class, config):
+    """The Vedas model of `config` holding the base model's own tensors: one copy of the weights, not two.
+
+    The Vedas model is built on the meta device (no storage), the base's parameters and buffers are assigned to it
+    (`assign=True`: the same tensors, no copy), and only the modules a base lacks (`VEDAS_MODULE_KEYS`) get storage
+    and are initialised as a freshly built model initialises them: in float32 by the backbone's `_init_weights`
+    (routers and `token_sr` ~ N(0, initializer_range), zero biases, e(d) = `depth_gate_init`), then cast to the
+    base's dtype. Building the Vedas model for real and copying the base into it held two full models at once
+    (13.3 GiB for a 2-layer 7B geometry); the base object must not be used afterwards (its tensors are shared)."""
+    with torch.device("meta"):
+        model = model_class(config)
+    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False, assign=True)
+    missing = [k for k in missing if not any(part in k for part in VEDAS_MODULE_KEYS)]
+    if missing or unexpected:
+        raise CheckpointError(f"Base weights do not fit Vedas: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    base_buffers = dict(base.named_buffers())
+    for name, buffer in list(model.named_buffers()):  # non-persistent buffers (rotary tables) are no weights
+        if buffer.is_meta:
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = base_buffers[name]
+    model.tie_weights()  # assign=True gave tied matrices (tie_word_embeddings) one Parameter object each
+    _init_new_modules(model, base.dtype, base.device)
+    left = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if left:
+        raise CheckpointError(f"Base weights do not fit Vedas: nothing to load into {left[:5]}")
+    return model
+
+
+def _init_new_modules(model, dtype, device):
+    """Storage and initial values for the modules a base checkpoint lacks (see `_vedas_from_base`), each
+    initialised by the `_init_weights` of the model that owns it, as `initialize_weights` does on a new model:
+    the text model's for the routing layers' modules, the Vedas model's (which also sets e(d)) for the rest."""
+    text_model = model.model.language_model
+    owned_by_text = {id(m) for m in text_model.modules()}
+    with torch.no_grad():
+        for name, module in list(model.named_modules()):
+            if name.rpartition(".")[2] not in VEDAS_MODULE_KEYS:
+                continue
+            module.to_empty(device=device).float()
+            owner = text_model if id(module) in owned_by_text else model
+            for sub in module.modules():
+                # e(d) is set by VedasMixin._init_weights only: the text model's does not know DepthStepEmbedding
+                (model if isinstance(sub, DepthStepEmbedding) else owner)._init_weights(sub)
+            module.to(dtype)
+
+
 def convert_base(base_dir, out_dir, overrides: dict | None = None, overwrite: bool = False, card_context=None):
     """Turn a base Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint into a Vedas checkpoint folder. Returns `(model, processor)`.
 
@@ -527,17 +575,14 @@ def convert_base(base_dir, out_dir, overrides: dict | None = None, overwrite: bo
         base.resize_token_embeddings(rows, mean_resizing=False)
         config.text_config.vocab_size = rows
 
-    model = model_class(config).to(base.dtype)
-    missing, unexpected = model.load_state_dict(base.state_dict(), strict=False)
-    missing = [k for k in missing if not any(part in k for part in VEDAS_MODULE_KEYS)]
-    if missing or unexpected:
-        raise CheckpointError(f"Base weights do not fit Vedas: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model = _vedas_from_base(base, model_class, config)
     with torch.no_grad():  # new token rows start at the mean embedding of the original vocabulary
         new_rows = torch.tensor(sorted(ids.values()))
         for matrix in {model.get_input_embeddings().weight, model.get_output_embeddings().weight}:
             matrix[new_rows] = matrix[:old_vocab].mean(0)
     model.generation_config = base.generation_config
     model.generation_config.pad_token_id = model.generation_config.pad_token_id or processor.tokenizer.pad_token_id
+    del base  # its tensors now belong to `model`
     # the card's base_model becomes a Hub repo id or is left out (card_base_model)
     context = {"base_model": base_dir, **(card_context or {})}
     save_vedas_checkpoint(model.eval(), processor, out_dir, card_context=context)
