@@ -865,8 +865,9 @@ class VedasMixin:
             a(t) = mean over layers and heads of softmax(q_last · K^T / sqrt(d)) over the visual tokens
             B(t) = softmax(a(t)[S]) ⊙ V[S],  S = top-K unvisited visual tokens of a(t)
 
-        into columns z(t) and B(t). With a `VedasCache` each pass runs only its new columns; without one (no cache,
-        `routing="global"`, gradient checkpointing) each pass recomputes the prefix, with the same numbers.
+        into columns z(t) and B(t). With a `VedasCache` each pass runs only its new columns, under gradient
+        checkpointing too (each column then runs once more in backward); without one (`use_cache=False`,
+        `routing="global"`) each pass recomputes the prefix, with the same numbers.
         The loss is L = CE + λ · L_recon (`_recon_loss`). Returns a `VedasCausalLMOutput` with logits
         `(batch, l, vocab)`, or, with `return_hidden_only` (generate: the passes stop at z(T)), a `LatentPhase`.
         """
@@ -935,8 +936,8 @@ class VedasMixin:
         # the prefix at every pass instead, so that the last pass routes that row over its whole prompt (the same
         # rule as `generate`'s, which hands the cache to the answer loop and so never recomputes).
         prompt_past_first_pass = bool(prompt_mask[:, layout.start + 1 :].any()) and not generating
-        checkpointing = self.model.language_model.gradient_checkpointing and self.training  # it drops layer caches
-        cached = use_cache is not False and not (checkpointing or self._global_routing or prompt_past_first_pass)
+        # (under gradient checkpointing the layers keep the cache: VedasDecoderLayerMixin._checkpoint_with_cache)
+        cached = use_cache is not False and not (self._global_routing or prompt_past_first_pass)
         if not generating:  # the uncached saliency runs k_proj once more: one rank without a cache, all without
             cached = cached and not _agree_across_ranks(self, [int(not cached)])[0]
         replay_on = layout.slots > 0 and visual.columns.shape[1] > 0

@@ -14,7 +14,7 @@ A packed row (several sequences in one row, padding-free training) carries `segm
 as if it were alone (its own prompt, α, threshold, and a second pass that attends within the sequence only).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -185,17 +185,73 @@ class VedasDecoderLayerMixin:
             self.depth_step_embed = DepthStepEmbedding(vedas_config.max_depth, config.hidden_size)
 
     def __call__(self, hidden_states, *args, vedas_state: VedasForwardState | None = None, **kwargs):
-        """The layer (checkpointed when gradient checkpointing is on), then its saliency row, computed outside the
-        checkpoint: reentrant checkpointing runs `forward` without grad, which would cut the gradient that the
-        replay weights send to q_proj and k_proj through the saliency. The row reads only the layer's input, its
-        weights and (without checkpointing) the cache that `forward` just filled."""
-        output = super().__call__(hidden_states, *args, vedas_state=vedas_state, **kwargs)
-        if vedas_state is not None and vedas_state.saliency_columns is not None:
-            cache = kwargs.get(CACHE_ARG, kwargs.get("past_key_values"))
-            if self.gradient_checkpointing and self.training:  # the checkpointed forward ran without the cache
+        """The layer, then its saliency row, computed outside any checkpoint: reentrant checkpointing runs the
+        layer without grad, which would cut the gradient that the replay weights send to q_proj and k_proj through
+        the saliency. The row reads only the layer's input, its weights and the cache the layer just filled.
+
+        Under gradient checkpointing with a `VedasCache` (the latent forward's passes), the layer is checkpointed
+        here with its cache as explicit inputs and outputs (`_checkpoint_with_cache`), so that the passes keep
+        reusing the prefix's keys and values. Otherwise transformers checkpoints it, and drops any cache."""
+        cache = kwargs.get(CACHE_ARG, kwargs.get("past_key_values"))
+        checkpointing = self.gradient_checkpointing and self.training
+        if checkpointing and isinstance(cache, VedasCache):
+            output = self._checkpoint_with_cache(hidden_states, args, kwargs, cache, vedas_state)
+        else:
+            output = super().__call__(hidden_states, *args, vedas_state=vedas_state, **kwargs)
+            if checkpointing:  # the checkpointed layer ran without the cache
                 cache = None
+        if vedas_state is not None and vedas_state.saliency_columns is not None:
             self._add_saliency(hidden_states, kwargs["position_embeddings"], cache, vedas_state)
         return output
+
+    # ------------------------------------------------------- checkpointing with a cache
+    def _checkpoint_with_cache(self, hidden_states, args, kwargs, cache: VedasCache, state):
+        """The layer over `(batch, l, hidden)` new tokens, checkpointed, on a `VedasCache` that keeps growing.
+
+        transformers' checkpointing drops the cache, because a layer that writes its keys and values into it would
+        write them again when the backward pass recomputes it. Here the checkpointed function is pure: it gets this
+        layer's cached keys and values (and, on a routing layer, its second-pass keys, values, thresholds and
+        positions) as inputs, runs the layer on a private `VedasCache` built from them, and returns the new
+        tensors as outputs, which are then written into `cache`. They are part of the autograd graph, so later
+        passes attend to them with gradient, and the recomputation in backward writes only to its own private
+        cache. Each column thus runs once in forward and once in the backward recomputation, whatever T."""
+        name = CACHE_ARG if CACHE_ARG in kwargs else "past_key_values"
+        idx = self.layer_idx
+        layer = cache.layers[idx] if len(cache.layers) > idx else None
+        past = (layer.keys, layer.values) if layer is not None and layer.get_seq_length() > 0 else ()
+        keys = [(idx, depth) for depth in range(self.max_depth)] if self.is_routing_layer else []
+        routing_kv = {key: cache.routing_kv[key] for key in keys if key in cache.routing_kv}
+        snapshot = ({key: cache.routing_thresholds[key] for key in keys if key in cache.routing_thresholds},
+                    {key: cache.routing_positions[key] for key in keys if key in cache.routing_positions})
+        views = []  # the private cache of each run: the first is the forward's, later ones the recomputations'
+
+        def run(hidden, *tensors):
+            view = _private_cache(idx, tensors, len(past) > 0, routing_kv, snapshot)
+            run_state = state if not views or state is None else _scratch_state(state)  # recomputation: no stats
+            views.append(view)
+            with _checkpointing_off(self):
+                out = VedasDecoderLayerMixin._plain_call(self, hidden, *args, vedas_state=run_state,
+                                                         **{**kwargs, name: view})
+            new_keys, new_values = (t[:, :, past[0].shape[2] if past else 0 :] for t in _layer_kv(view, idx))
+            routed = [t for key in sorted(view.routing_kv) for t in view.routing_kv[key][:2]]
+            return (out, new_keys, new_values, *routed)
+
+        tensors = [*past, *(t for key in sorted(routing_kv) for t in routing_kv[key][:2])]
+        if torch.is_grad_enabled():
+            out, new_keys, new_values, *routed = self._gradient_checkpointing_func(run, hidden_states, *tensors)
+        else:  # nothing to recompute
+            out, new_keys, new_values, *routed = run(hidden_states, *tensors)
+        view = views[0]
+        cache.update(new_keys, new_values, idx)
+        for n, key in enumerate(sorted(view.routing_kv)):
+            cache.routing_kv[key] = (routed[2 * n], routed[2 * n + 1], view.routing_kv[key][2])
+        cache.routing_thresholds.update(view.routing_thresholds)
+        cache.routing_positions.update(view.routing_positions)
+        return out
+
+    def _plain_call(self, *args, **kwargs):
+        """The backbone layer's `__call__` (module hooks, then `forward`), bypassing the saliency of `__call__`."""
+        return super().__call__(*args, **kwargs)
 
     def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
                 position_embeddings=None, vedas_state: VedasForwardState | None = None, **kwargs):
@@ -375,6 +431,46 @@ class VedasDecoderLayerMixin:
         if self.depth_residual == "literal":
             return hidden_states + routed * self.depth_step_embed.weight[depth]
         return hidden_states
+
+
+def _layer_kv(cache: DynamicCache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values `(batch, kv_heads, n, head_dim)` that `cache` holds for one layer."""
+    layer = cache.layers[layer_idx]
+    return layer.keys, layer.values
+
+
+def _private_cache(layer_idx: int, tensors, has_past: bool, routing_kv: dict, snapshot: tuple) -> VedasCache:
+    """A `VedasCache` holding only what one layer reads: its past keys and values (`tensors[:2]` when `has_past`),
+    then its routing layers' second-pass keys and values (the rest of `tensors`, in the sorted order of
+    `routing_kv`'s keys, whose validity masks they take), thresholds and positions (`snapshot`, copied)."""
+    view = VedasCache()
+    tensors = list(tensors)
+    if has_past:
+        view.update(tensors.pop(0), tensors.pop(0), layer_idx)
+    for n, key in enumerate(sorted(routing_kv)):
+        view.routing_kv[key] = (tensors[2 * n], tensors[2 * n + 1], routing_kv[key][2])
+    view.routing_thresholds, view.routing_positions = dict(snapshot[0]), dict(snapshot[1])
+    return view
+
+
+def _scratch_state(state: VedasForwardState) -> VedasForwardState:
+    """A copy of `state` whose records (router statistics and scores, attention calls) a recomputation fills
+    instead of the forward's."""
+    return replace(state, router_stats={}, router_scores={}, attention_calls=[])
+
+
+class _checkpointing_off:
+    """Within the block, `module` runs as if gradient checkpointing were off (transformers' own wrapper, which
+    drops the cache, stands aside); the flag is restored after."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __enter__(self):
+        self.saved, self.module.gradient_checkpointing = self.module.gradient_checkpointing, False
+
+    def __exit__(self, *exc):
+        self.module.gradient_checkpointing = self.saved
 
 
 def _in_lockstep(module: nn.Module) -> bool:

@@ -301,3 +301,59 @@ def test_the_latent_block_columns_have_one_source(qwen2, num_replay, replay_mode
     monkeypatch.setattr(modeling_vedas, "_agree_across_ranks", lambda module, values: [5])
     padded, *_ = modeling_vedas._pad_for_steps(model, layout, input_ids, torch.ones_like(input_ids), None, None)
     assert padded.shape[1] == layout.end_column(5) + 1 > layout.latent_column(5)
+
+
+def _training_gradients(model, batch, checkpointing=None):
+    """Every parameter's gradient and the losses after one training forward and backward, with gradient
+    checkpointing when `checkpointing` is `{"use_reentrant": ...}`; and the tokens each decoder layer ran in the
+    forward and in the backward (its recomputation), counted by a forward hook on every layer."""
+    model.zero_grad()
+    model.train()
+    tokens = {"forward": 0, "backward": 0}
+    phase = ["forward"]
+
+    def count(module, args, kwargs):
+        tokens[phase[0]] += args[0].shape[1] if args else kwargs["hidden_states"].shape[1]
+
+    layers = model.model.language_model.layers
+    hooks = [layer.register_forward_pre_hook(count, with_kwargs=True) for layer in layers]
+    if checkpointing is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    try:
+        out = model(**batch)
+        phase[0] = "backward"
+        out.loss.backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if checkpointing is not None:
+            model.gradient_checkpointing_disable()
+        model.eval()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    per_layer = {key: value / len(layers) for key, value in tokens.items()}
+    return grads, (out.ce_loss.detach(), out.recon_loss.detach()), per_layer
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_keeps_the_cache_and_the_gradients(model_and_processor, reentrant):
+    """Under gradient checkpointing the latent forward still runs each column once (KV reuse: T + 1 passes over
+    new columns only, not T + 1 prefixes), the backward recomputes each column once more, and every parameter's
+    gradient equals the one without checkpointing, on a batch with replay, routing and L_recon (crop images)."""
+    model, processor = model_and_processor
+    batch = training_batch(model, processor, steps=3)
+    width = batch["input_ids"].shape[1]
+    reference, ref_losses, ref_tokens = _training_gradients(model, batch)
+    assert ref_tokens == {"forward": width, "backward": 0}
+    for part in ("self_attn.q_proj", "self_attn.k_proj", "depth_router", "depth_step_embed", "token_sr"):
+        assert any(part in n and reference[n].abs().sum() > 0 for n in reference), part
+    grads, losses, tokens = _training_gradients(model, batch, checkpointing={"use_reentrant": reentrant})
+    assert tokens == {"forward": width, "backward": width}  # no prefix recomputed, whatever T
+    torch.testing.assert_close(losses, ref_losses, atol=1e-5, rtol=1e-5)
+    assert sorted(grads) == sorted(reference), set(reference) ^ set(grads)
+    far = {}  # relative to each gradient's scale
+    for name, expected in reference.items():
+        error = float((grads[name] - expected).abs().max() / expected.abs().max().clamp(min=1e-12))
+        if error > 1e-4:
+            far[name] = error
+    assert not far, far
