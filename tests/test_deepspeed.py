@@ -130,13 +130,14 @@ def test_zero3_ranks_with_different_latent_step_counts_train(vedas_dirs, tmp_pat
     assert len(ranks[0]["alone"]["calls"]) < len(ranks[1]["alone"]["calls"])
 
 
-def _deepspeed_run(tmp_path_factory, stage):
-    tmp = tmp_path_factory.mktemp(f"zero{stage}")
+def _deepspeed_run(tmp_path_factory, stage, *options):
+    name = f"zero{stage}" + "".join(o.strip("-") for o in options)
+    tmp = tmp_path_factory.mktemp(name)
     out = tmp / "run"
     # 32 samples, 8 per rank: 2 steps per epoch; the CoT warm-up, then stages 1 and 2 (6 steps)
     output = _run(["accelerate", "launch", "--config_file", CONFIGS / f"deepspeed_zero{stage}.yaml",
                    "--num_processes", "2", "--main_process_port", free_port(), TRAIN, "--quick", "--n_train", "32",
-                   "--output_dir", out, "--save_total_limit", "3"], tmp, f"zero{stage}")
+                   "--output_dir", out, "--save_total_limit", "3", *options], tmp, name)
     return out, output
 
 
@@ -204,6 +205,26 @@ def test_zero3_two_processes_across_stages(zero3_run, tmp_path):
     out, output = zero3_run
     _check_run(out, output)
     _generates(out / "checkpoint-final", tmp_path)
+
+
+@needs_deepspeed
+def test_zero3_lora_two_processes_across_stages(tmp_path_factory, tmp_path):
+    """LoRA under ZeRO-3: PEFT wraps the whole model before the Trainer partitions it; both ranks end with the same
+    full weights (adapters included), and `checkpoint-final` holds the merged model, full size, that loads with
+    `AutoModel` and generates."""
+    out, output = _deepspeed_run(tmp_path_factory, 3, "--lora", "--lora_r", "4")
+    checksums = {int(rank): (digest, int(step)) for rank, _, digest, step in CHECKSUM_LINE.findall(output)}
+    assert sorted(checksums) == [0, 1] and checksums[0] == checksums[1], output[-3000:]
+    assert checksums[0][1] == 6
+    report = json.loads((out / "report.json").read_text())
+    assert report["world_size"] == 2 and report["curriculum_complete"]
+    final = out / "checkpoint-final"
+    with safe_open(final / "model.safetensors", framework="pt") as weights:
+        names = list(weights.keys())
+        empty = [name for name in names if weights.get_slice(name).get_shape().count(0)]
+    assert not empty and len(names) > 80, empty
+    assert not [name for name in names if "lora_" in name]  # merged: a plain Vedas checkpoint
+    _generates(final, tmp_path)
 
 
 # ------------------------------------------------------------------------------------- FSDP and multi-node configs
