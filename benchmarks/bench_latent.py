@@ -4,8 +4,9 @@ For each model size, a base Qwen2-VL (or Qwen2.5-VL) checkpoint is built offline
 (`build_tiny_base`), converted to Vedas (`convert_base`, K = 32) and its Vedas modules are given non-trivial
 values (router weights and e(d), as `tests/conftest.py::perturb_vedas` does) so that routing depth scaling runs
 its second pass. Every variant below then runs on the *same* inputs (one 448x448 image = 256 visual tokens plus
-text, ~600 prompt tokens), interleaved in a freshly shuffled order every round so that machine noise and order
-effects hit all of them alike; the tables show medians (and min / max) and ratios of both.
+text, ~600 prompt tokens). Every round runs every variant `--inner` times, interleaved (A B C A B C) in a freshly
+shuffled order, so that machine noise and order effects hit all of them alike; ratios are taken within each round
+and reported as the median over rounds with their spread (IQR, max - min), next to each variant's median time.
 
 Variants (greedy; the answer length is forced with `min_new_tokens = max_new_tokens`):
 
@@ -28,11 +29,11 @@ capture (one attention row per layer: `(batch, heads, n)`), the base model's sdp
 eager attention without / with `output_attentions=True` (every layer's `(batch, heads, n, n)` map is kept). Also printed: the bytes each method
 hands back (our `(batch, visual)` score vs the tuple of attention maps).
 
-Usage:  python benchmarks/bench_latent.py [--sizes tiny,mid] [--repeats 5] [--slow-repeats 3] [--profile]
+Usage:  python benchmarks/bench_latent.py [--sizes tiny,mid] [--repeats 20] [--inner 4] [--slow-repeats 6] [--profile]
 No assertions: this prints numbers. It needs no network and takes a few minutes on 2 otherwise idle CPU cores.
 Timings on a busy machine are unreliable: with 2 threads on 2 cores, one competing process can slow every
-variant several-fold and unevenly. The printed load average says how busy the machine was; compare ratios within
-one run, and the min-based ratios too. (On Linux with autogroup scheduling, `nice` alone does not shield the run
+variant several-fold and unevenly. The printed load averages and thread counts say how busy the machine was; the
+spread of the per-round ratios says how far to trust a ratio (target: IQR under 0.03 on an idle machine). (On Linux with autogroup scheduling, `nice` alone does not shield the run
 from other terminal sessions' processes; the autogroup priority in `/proc/<pid>/autogroup` does.)
 """
 
@@ -465,7 +466,8 @@ def print_ratios(summary):
         print(f"| {label} | " + " | ".join(cells) + f" | {note} |")
     for size_name, iqr in worst.items():
         verdict = "under" if iqr < SPREAD_TARGET else "NOT under"
-        print(f"\n{size_name}: the largest IQR of the tracked ratios ({', '.join(HEADLINE)}) is {iqr:.3f}, {verdict} the {SPREAD_TARGET} target"
+        print(f"\n{size_name}: the largest IQR of the tracked ratios ({', '.join(HEADLINE)}) is {iqr:.3f}, "
+              f"{verdict} the {SPREAD_TARGET} target"
               + ("" if iqr < SPREAD_TARGET else " (more --inner calls per repeat shorten it roughly as "
                  "1/sqrt(inner); a loaded machine widens it)") + ".")
 
@@ -487,9 +489,10 @@ def print_memory(memory):
     print("| transient per layer, ours `(batch, heads, n)` fp32 | "
           + " | ".join(fmt_mb(m[1]["row per layer"]) for m in memory.values()) + " |")
     for size_name, (peaks, kept, (layers, heads, n)) in memory.items():
-        extra_ours = peaks["sdpa prefill (VedasCache) + our saliency row"] - peaks["sdpa prefill (Vedas, RDS off, VedasCache), no saliency"]
+        vedas_peak = peaks["sdpa prefill (Vedas, RDS off, VedasCache), no saliency"]
+        extra_ours = peaks["sdpa prefill (VedasCache) + our saliency row"] - vedas_peak
         extra_eager = peaks["eager prefill + output_attentions=True"] - peaks["eager prefill (base), no attentions"]
-        same_cache = peaks["sdpa prefill (Vedas, RDS off, VedasCache), no saliency"] / peaks["sdpa prefill (base), DynamicCache"]
+        same_cache = vedas_peak / peaks["sdpa prefill (base), DynamicCache"]
         print(f"\n{size_name}: Vedas RDS-off / base prefill, both filling a cache: {same_cache:.3f}. Saliency adds "
               f"{fmt_mb(extra_ours)} MiB to the sdpa prefill peak; output_attentions adds {fmt_mb(extra_eager)} MiB "
               f"to the eager one ({layers} layers x {heads} heads x {n}² fp32 maps kept).")
@@ -535,7 +538,8 @@ def main():
 
     print(f"# Vedas latent generation benchmark ({args.backbone}, CPU, torch {torch.__version__})\n")
     print(f"{args.repeats} rounds after one warm-up; in each round every variant runs {args.inner} times, "
-          f"interleaved, in a shuffled order (use_cache=False and CoT: in the first {min(args.slow_repeats, args.repeats)} "
+          f"interleaved, in a shuffled order (use_cache=False and CoT: in the first "
+          f"{min(args.slow_repeats, args.repeats)} "
           f"rounds). T = {STEPS}, K = {REPLAY}, answers forced to {ANSWER} tokens (CoT: {args.cot_tokens}). RDS: "
           f"routing layers {{0, 2, 4, ...}}, α = 32, perturbed router and e(d).\n")
     for size_name, res in summary.items():

@@ -542,7 +542,8 @@ def convert_base(base_dir, out_dir, overrides: dict | None = None, overwrite: bo
 
     `base_dir` is a local folder or a Hub model id (resolved through the local HF cache, downloading it when
     online: :func:`vedas_trainer.hub.resolve_model_folder`). `overrides` sets any `VedasConfig` field (e.g.
-    `{"num_replay_tokens": 16, "routing_topk": 8}`).
+    `{"num_replay_tokens": 16, "routing_topk": 8}`). It holds one copy of the weights: the returned model owns the
+    loaded base's tensors (`_vedas_from_base`).
     """
     from .hub import resolve_model_folder  # hub imports this module
 
