@@ -458,6 +458,12 @@ class WarmupEvalCallback(TrainerCallback):
         model.train(was_training)
         if not state.is_world_process_zero:
             return
+        if all("scene" in sample for sample in self.samples):  # the synthetic task: which part of CoT fails
+            from vedas_trainer.synthetic import cot_step_reading
+
+            texts = [record["prediction"] for record in results["modes"]["cot"]["predictions"]]
+            results["modes"]["cot"]["step_reading"] = cot_step_reading(self.samples, texts)
+            logger.info("End of CoT warm-up, CoT steps: %s", results["modes"]["cot"]["step_reading"])
         self.results = results
         logger.info("End of CoT warm-up: %s", {m: r["accuracy"] for m, r in self.results["modes"].items()})
 

@@ -210,3 +210,35 @@ def test_generation_is_fast():
     start = time.perf_counter()
     build_synthetic_dataset(1000, seed=0, split="train")
     assert time.perf_counter() - start < 5.0
+
+
+def test_cot_step_reading_finds_the_first_wrong_step():
+    from vedas_trainer.synthetic import DIRECTIONS, build_synthetic_dataset, cot_step_reading
+
+    sample = next(s for s in build_synthetic_dataset(20, seed=3, split="test") if len(s["steps"]) >= 3)
+    steps = list(sample["steps"])
+    other_direction = lambda d: next(x for x in DIRECTIONS if x != d)  # noqa: E731
+
+    def with_step(i, text):
+        return "\n\n".join(steps[:i] + [text] + steps[i + 1:]) + "\n\nanswer : x"
+
+    head, tail = steps[0].rsplit(" arrow ", 1)
+    colour = head.rsplit(" ", 1)[1]
+    other_colour = "blue" if colour != "blue" else "red"
+    cases = {
+        "none": "\n\n".join(steps),
+        "read: direction": with_step(0, f"{head} arrow {other_direction(tail.split(' ')[0])}"),
+        "read: colour": with_step(0, steps[0].replace(f", {colour} arrow", f", {other_colour} arrow")),
+        "start cell": with_step(0, steps[0].replace("row ", "row 9", 1)),
+        "move": with_step(1, steps[1].replace("col ", "col 9", 1)),
+        "too few steps": steps[0],
+    }
+    for expected, text in cases.items():
+        result = cot_step_reading([sample], [text])
+        assert result["first_error"] == {expected: 1}, (expected, text, result)
+    perfect = cot_step_reading([sample], [cases["none"]])
+    assert perfect["colour_accuracy"] == perfect["direction_accuracy"] == 1.0
+    assert perfect["steps_read"] == len(sample["scene"]["path"])
+    misread = cot_step_reading([sample], [cases["read: direction"]])
+    assert misread["direction_accuracy"] == pytest.approx((len(steps) - 1) / len(steps))
+    assert cot_step_reading([], [])["colour_accuracy"] is None

@@ -41,7 +41,8 @@ import hashlib
 import io
 import json
 import random
-from typing import Any, Iterator, Sequence
+import re
+from typing import Any, Iterator, Mapping, Sequence
 
 import datasets
 import torch
@@ -61,6 +62,7 @@ __all__ = [
     "build_splits",
     "FreshSyntheticDataset",
     "synthetic_vocabulary",
+    "cot_step_reading",
     "synthetic_features",
     "TASK_PRESETS",
     "expand_task_kwargs",
@@ -140,6 +142,10 @@ def _question_text(n_moves: int) -> str:
 
 def _step_text(label: str, row: int, col: int, colour: str, direction: str) -> str:
     return f"{label} : row {row + 1} col {col + 1} , {colour} arrow {direction}"
+
+
+# what `_step_text` writes, read back from a generated rationale
+_STEP_PATTERN = re.compile(r"row (\d+) col (\d+) , (\w+) arrow (\w+)")
 
 
 def _triangle(cx: float, cy: float, half: int, direction: str) -> list[tuple[float, float]]:
@@ -584,3 +590,49 @@ def synthetic_vocabulary() -> list[str]:
             if word not in words:
                 words.append(word)
     return words
+
+
+# --------------------------------------------------------------------------------------------------
+# Where explicit CoT goes wrong
+# --------------------------------------------------------------------------------------------------
+
+
+def _first_error(steps, cells, path) -> str:
+    """The first wrong thing in one generated rationale: the start cell, a move (a cell that does not follow from the
+    previous step's direction as written), or a read (colour or direction of the cell the step names)."""
+    grid = len(cells)
+    for i, (row, col, colour, direction) in enumerate(steps[: len(path)]):
+        if i == 0 and [row, col] != list(path[0]):
+            return "start cell"
+        if i > 0:
+            d_row, d_col = DIRECTIONS.get(steps[i - 1][3], (grid, grid))
+            if (row, col) != (steps[i - 1][0] + d_row, steps[i - 1][1] + d_col):
+                return "move"
+        if not (0 <= row < grid and 0 <= col < grid):
+            return "move"
+        if colour != cells[row][col][0]:
+            return "read: colour"
+        if direction != cells[row][col][1] and i < len(path) - 1:
+            return "read: direction"
+    return "too few steps" if len(steps) < len(path) else "none"
+
+
+def cot_step_reading(samples: Sequence[Mapping], texts: Sequence[str]) -> dict:
+    """What explicit-CoT generations get right, step by step, on the synthetic task (each sample's ``scene`` is the
+    truth): how often a step reads the colour and the direction of the cell it names, and the first error of each
+    rationale ("none" when every step is right; the last step's direction is not needed and not counted there)."""
+    reads = {"colour": [0, 0], "direction": [0, 0]}
+    first = {}
+    for sample, text in zip(samples, texts):
+        cells, path = sample["scene"]["cells"], sample["scene"]["path"]
+        steps = [(int(r) - 1, int(c) - 1, colour, d) for r, c, colour, d in _STEP_PATTERN.findall(text)]
+        for row, col, colour, direction in steps[: len(path)]:
+            if 0 <= row < len(cells) and 0 <= col < len(cells):
+                reads["colour"][0] += colour == cells[row][col][0]
+                reads["direction"][0] += direction == cells[row][col][1]
+                reads["colour"][1] += 1
+                reads["direction"][1] += 1
+        kind = _first_error(steps, cells, path)
+        first[kind] = first.get(kind, 0) + 1
+    return {"steps_read": reads["colour"][1], "first_error": dict(sorted(first.items())),
+            **{f"{what}_accuracy": (ok / n if n else None) for what, (ok, n) in reads.items()}}
