@@ -19,9 +19,9 @@ as:
                      prefix (T + 1 prefix forwards), the cost checkpointing had before the cache was kept.
 
 A step is forward + backward (no optimizer step: it is the same for both). Every repeat runs all variants in the
-same order (A B C ... A B C ...), after one warm-up round, so that machine noise hits them alike; the ratios are
-taken per repeat and reported as median, min and max. Peak memory is the peak of the bytes held by tensors allocated
-during one step (torch.profiler's memory timeline on CPU; `torch.cuda.max_memory_allocated` on CUDA).
+same order (A B C ... A B C ...), after `--warmup` untimed rounds (1), so that machine noise hits them alike; the
+ratios are taken per repeat and reported as median, min and max. Peak memory is the peak of the bytes held by
+tensors allocated during one step (torch.profiler's memory timeline on CPU; `torch.cuda.max_memory_allocated` on CUDA).
 
 Usage:  python benchmarks/bench_train_step.py [--size mid|tiny] [--image 448] [--repeats 5] [--threads 2] [--no-memory]
         [--device cpu|cuda]
@@ -151,18 +151,18 @@ def synchronize(device: str):
         torch.cuda.synchronize()
 
 
-def time_rounds(model, plan: dict, repeats: int, device: str) -> dict:
-    """name -> per-repeat seconds; one warm-up round first, then `repeats` rounds in the same order."""
+def time_rounds(model, plan: dict, repeats: int, warmup: int, device: str) -> dict:
+    """name -> per-repeat seconds; `warmup` rounds first, then `repeats` rounds in the same order."""
     times = {name: [] for name in plan}
-    for round_index in range(repeats + 1):
+    for round_index in range(repeats + warmup):
         for name, (batch, ckpt, cache) in plan.items():
             synchronize(device)
             start = time.perf_counter()
             step(model, batch, ckpt, cache)
             synchronize(device)
-            if round_index > 0:
+            if round_index >= warmup:
                 times[name].append(time.perf_counter() - start)
-        print(f"round {round_index} of {repeats} done", file=sys.stderr, flush=True)  # progress, off the report
+        print(f"round {round_index + 1} of {repeats + warmup} done", file=sys.stderr, flush=True)  # off the report
     return times
 
 
@@ -210,9 +210,9 @@ def report(args, model, batches, times, memory, load):
     print(f"Batch 2 x {ids.shape[1]} columns ({args.image}x{args.image} images, {visual} visual tokens per sample, "
           f"T = {STEPS}, K = {REPLAY}); "
           f"hidden {sizes.hidden_size}, {sizes.num_hidden_layers} layers, routing layers {cfg.routing_layers}, "
-          f"α = {cfg.routing_topk}. A step is forward + backward. {args.repeats} repeats after one warm-up round, "
-          f"variants interleaved in every repeat. Load average (1 min) at start / end: {load[0]:.1f} / {load[1]:.1f} "
-          f"on {os.cpu_count()} CPUs: other processes share the machine, so the times are noisy; the ratios are "
+          f"α = {cfg.routing_topk}. A step is forward + backward. {args.repeats} repeats after {args.warmup} warm-up "
+          f"round(s), variants interleaved in every repeat. Load average (1 min) at start / end: {load[0]:.1f} / "
+          f"{load[1]:.1f} on {os.cpu_count()} CPUs: other processes share the machine, so the times are noisy; the ratios are "
           f"taken within each repeat.\n")
     print("| variant | median s | min s | max s | peak memory MiB |")
     print("|---|---:|---:|---:|---:|")
@@ -229,6 +229,7 @@ def report(args, model, batches, times, memory, load):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones")
     parser.add_argument("--size", default="mid", choices=sorted(SIZES))
     parser.add_argument("--image", type=int, default=448, help="side of the square images, in pixels")
     parser.add_argument("--threads", type=int, default=2)
@@ -244,7 +245,7 @@ def main():
         model, processor = build_model(Path(tmp), args.size, args.device)
         batches = build_batches(model, processor, args.image, args.device)
         plan = variants(batches)
-        times = time_rounds(model, plan, args.repeats, args.device)
+        times = time_rounds(model, plan, args.repeats, args.warmup, args.device)
         memory = {}
         if not args.no_memory:
             for name, (batch, ckpt, cache) in plan.items():

@@ -6,7 +6,8 @@ one-line ImportError naming both versions) and stated by setup.py's requirement 
 The core equivalences, through the remote code as a user meets it (`AutoModel.from_pretrained(...,
 trust_remote_code=True)`), on every backbone (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: its DeepStack, interleaved M-RoPE and
 decoder layer come from the installed transformers): converted == base, cache == no cache, batch == singles,
-save -> load, latent generate with its trace, and beam search with latent steps.
+save -> load, latent generate with its trace, beam search with latent steps, and a latent training step under
+gradient checkpointing (the KV cache kept, the gradients unchanged).
 
 In the main suite the checkpoints are the session's (tests/conftest.py). The CI compatibility job (`.ci/compat`)
 writes them once with the main environment (tests/compat/write_checkpoints.py) and runs this file in one venv per
@@ -168,6 +169,26 @@ def test_beam_search_with_latent_steps(remote):
     assert torch.equal(cached.sequences, uncached.sequences)
     forced = answer_log_probs(model, inputs, cached.sequences, 3)
     torch.testing.assert_close(cached.sequences_scores, forced.sum(-1), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_keeps_the_cache_and_the_gradients(remote, reentrant):
+    """Each transformers version checkpoints its decoder layers its own way (5.22 wraps `__call__`, 5.23 and 5.24
+    `forward`): under each, a latent training step with checkpointing runs each column once in forward and once in
+    backward (the KV cache is kept), and its gradients equal those without checkpointing."""
+    from test_latent import _training_gradients, training_batch
+
+    model, processor = remote
+    batch = training_batch(model, processor, steps=3)
+    width = batch["input_ids"].shape[1]
+    reference, ref_losses, _ = _training_gradients(model, batch)
+    grads, losses, tokens = _training_gradients(model, batch, checkpointing={"use_reentrant": reentrant})
+    assert tokens == {"forward": width, "backward": width}
+    torch.testing.assert_close(losses, ref_losses, atol=1e-5, rtol=1e-5)
+    assert sorted(grads) == sorted(reference)
+    for name, expected in reference.items():
+        scale = expected.abs().max().clamp(min=1e-12)
+        assert float((grads[name] - expected).abs().max() / scale) <= 1e-4, name
 
 
 def test_no_deprecated_cache_name(remote):
