@@ -31,7 +31,6 @@ and the end; compare ratios within one run.
 
 import argparse
 import contextlib
-import importlib.util
 import io
 import os
 import statistics
@@ -50,23 +49,8 @@ import torch  # noqa: E402
 
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _import_stack():
-    """The installed `vedas` / `vedas_trainer` packages, or this checkout when they are not installed."""
-    try:
-        import vedas  # noqa: F401
-        import vedas_trainer  # noqa: F401
-    except ImportError:  # running from a bare checkout: map the package names onto the repository folders
-        for name, folder in (("vedas", REPO), ("vedas_trainer", REPO / "trainer")):
-            spec = importlib.util.spec_from_file_location(name, folder / "__init__.py",
-                                                          submodule_search_locations=[str(folder)])
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-
-
-_import_stack()
+# bench_latent maps `vedas` / `vedas_trainer` onto this checkout when they are not installed
+import bench_latent  # noqa: E402, F401
 
 from transformers.utils import logging as hf_logging  # noqa: E402
 
