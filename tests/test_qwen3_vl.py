@@ -42,13 +42,18 @@ def qwen3(all_vedas_dirs):
     return perturb_vedas(model), processor
 
 
-def record_text_model_calls(model):
-    """Record the keyword arguments of every call of the text model (one per latent pass); returns the list and the
-    hook handle."""
+def recorded_latent_phase(model, processor):
+    """`latent_phase` on one fixed prompt, recording the keyword arguments of every text-model call (one per latent
+    pass). Returns the inputs, the calls, the layout ids and the phase."""
+    inputs = make_inputs(processor, ["which arrow ?"], [quadrant_image((112, 84), seed=3)])
     calls = []
     handle = model.model.language_model.register_forward_pre_hook(
         lambda module, args, kwargs: calls.append(dict(kwargs)), with_kwargs=True)
-    return calls, handle
+    try:
+        ids, phase = latent_phase(model, inputs)
+    finally:
+        handle.remove()
+    return inputs, calls, ids, phase
 
 
 def latent_phase(model, inputs, steps=2, num_replay=3):
@@ -67,12 +72,7 @@ def test_deepstack_reaches_the_image_positions_of_the_prompt_only(qwen3):
     latents) get none. And DeepStack changes the numbers in the tiny model, so the equivalences with the base
     model (which adds it itself) do check that it is applied."""
     model, processor = qwen3
-    inputs = make_inputs(processor, ["which arrow ?"], [quadrant_image((112, 84), seed=3)])
-    calls, handle = record_text_model_calls(model)
-    try:
-        ids, phase = latent_phase(model, inputs)
-    finally:
-        handle.remove()
+    inputs, calls, ids, phase = recorded_latent_phase(model, processor)
     assert len(calls) == 3  # the prompt, then one pass per latent step
     image = ids == model.config.image_token_id
     prompt_columns = calls[0]["inputs_embeds"].shape[1]
@@ -97,12 +97,7 @@ def test_replayed_tokens_are_merged_embeddings_at_their_original_positions(qwen3
     """B(t) in the replay slots is softmax weights x the merger output of the replayed image tokens (no DeepStack
     feature), at the (t, h, w) positions those tokens have in Qwen3-VL's own interleaved M-RoPE `get_rope_index`."""
     model, processor = qwen3
-    inputs = make_inputs(processor, ["which arrow ?"], [quadrant_image((112, 84), seed=3)])
-    calls, handle = record_text_model_calls(model)
-    try:
-        ids, phase = latent_phase(model, inputs)
-    finally:
-        handle.remove()
+    inputs, calls, ids, phase = recorded_latent_phase(model, processor)
     with torch.no_grad():
         merged = torch.cat(model.model.get_image_features(inputs["pixel_values"],
                                                           inputs["image_grid_thw"]).pooler_output)
