@@ -92,6 +92,10 @@ TINT_RANGE = 84
 GRID_LINE = (205, 205, 205)
 START_BORDER = (0, 0, 0)
 START_BORDER_PX = 3
+# How far a "leading" arrow's tip reaches ahead of its cell centre: distractors on the edge midpoints (radius
+# <= 3) reach 10.5 px from it, so 9 keeps them apart.
+ARROW_REACH = 9
+ARROW_PLACEMENTS = ("leading", "centred")
 
 # (d_row, d_col) for each direction.
 DIRECTIONS: dict[str, tuple[int, int]] = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
@@ -148,18 +152,24 @@ def _step_text(label: str, row: int, col: int, colour: str, direction: str) -> s
 _STEP_PATTERN = re.compile(r"row (\d+) col (\d+) , (\w+) arrow (\w+)")
 
 
-def _triangle(cx: float, cy: float, half: int, direction: str) -> list[tuple[float, float]]:
-    """An isosceles triangle centred on (cx, cy), pointing in ``direction``, inside a 2*half box.
+def _triangle(cx: float, cy: float, half: int, direction: str, placement: str = "leading") -> list[tuple[float, float]]:
+    """An isosceles triangle pointing in ``direction`` with a base ``2 * half`` px wide.
 
-    The cell centre is always strictly inside it (half-width there is half/2), which the tests use.
+    ``"centred"``: centred on the cell centre (cx, cy), inside a 2*half box; its four quarters fall in the four
+    14-px patches of the cell almost alike, so the direction is a fine detail of all four.
+    ``"leading"``: the tip is :data:`ARROW_REACH` px ahead of the centre and the base 1 px behind it, so nearly
+    all of the arrow lies in the two patches on the side it points to: the direction is which half of the cell
+    is pale, a coarse feature that a tiny vision tower reads from each patch's mean.
+    Either way the cell centre is strictly inside the triangle, which the tests use.
     """
     d_row, d_col = DIRECTIONS[direction]
     # Unit vector along the arrow (x = col, y = row) and its perpendicular.
     ux, uy = d_col, d_row
     px, py = -uy, ux
-    tip = (cx + ux * half, cy + uy * half)
-    base_left = (cx - ux * half + px * half, cy - uy * half + py * half)
-    base_right = (cx - ux * half - px * half, cy - uy * half - py * half)
+    ahead, behind = (half, half) if placement == "centred" else (ARROW_REACH, 1)
+    tip = (cx + ux * ahead, cy + uy * ahead)
+    base_left = (cx - ux * behind + px * half, cy - uy * behind + py * half)
+    base_right = (cx - ux * behind - px * half, cy - uy * behind - py * half)
     return [tip, base_left, base_right]
 
 
@@ -188,7 +198,7 @@ def _render(scene: dict[str, Any]) -> Image.Image:
             half = scene["sizes"][row][col]
             # Centre of the cell in pixel coordinates (pixels x0..x0+27, centre between 13 and 14).
             cx, cy = x0 + (CELL_PX - 1) / 2, y0 + (CELL_PX - 1) / 2
-            draw.polygon(_triangle(cx, cy, half, direction), fill=arrow)
+            draw.polygon(_triangle(cx, cy, half, direction, scene.get("arrow_placement", "centred")), fill=arrow)
     # The start marker is drawn after the grid lines so that it is never overdrawn by them.
     s_row, s_col = scene["start"]
     x0, y0 = s_col * CELL_PX, s_row * CELL_PX
@@ -250,6 +260,7 @@ def make_sample(
     arrow_sizes: Sequence[int] = (6, 7, 8),
     style: str = "tiles",
     coordinate_tints: bool = False,
+    arrow_placement: str = "leading",
     sample_id: str | None = None,
 ) -> dict[str, Any]:
     """Draw one sample of the "follow the arrows" task. The defaults are the embedded default run's task.
@@ -268,6 +279,9 @@ def make_sample(
             colours several times faster) or ``"arrows"`` (a small coloured arrow on a pale cell).
         coordinate_tints: tint each cell's pale part (background or arrow) by its (row, column)
             (:func:`cell_tint`), so that a cell named in the text can be found by its content.
+        arrow_placement: ``"leading"`` (the arrow fills the half of the cell it points to) or ``"centred"`` (the
+            arrow is centred on the cell, the task before docs/reproducibility.md's diagnosis 3); see
+            :func:`_triangle`.
         sample_id: the ``id`` field; defaults to one derived from the seed when it is an int/str.
 
     Returns:
@@ -281,6 +295,8 @@ def make_sample(
         raise ValueError(f"n_colours must be in [2, {len(COLOURS)}], got {n_colours}")
     if style not in ("tiles", "arrows"):
         raise ValueError(f"style must be 'tiles' or 'arrows', got {style!r}")
+    if arrow_placement not in ARROW_PLACEMENTS:
+        raise ValueError(f"arrow_placement must be one of {ARROW_PLACEMENTS}, got {arrow_placement!r}")
     if form not in (None, "short", "mc"):
         raise ValueError(f"form must be None, 'short' or 'mc', got {form!r}")
     if max(arrow_sizes) > CELL_PX // 2 - 5 or min(arrow_sizes) < 3:
@@ -325,6 +341,7 @@ def make_sample(
         "distractors": _make_distractors(rng, grid, distractor_prob),
         "style": style,
         "coordinate_tints": bool(coordinate_tints),
+        "arrow_placement": arrow_placement,
     }
     question_kwargs = {"n_moves": moves, "form": form, "choices": choices}
     answer = solve(scene, question_kwargs)
