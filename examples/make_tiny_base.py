@@ -1,10 +1,10 @@
-"""Write a tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL *base* checkpoint, built offline from config (no download).
+"""Write a tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Chameleon *base* checkpoint, built offline from config (no download).
 
     python examples/make_tiny_base.py --backbone qwen2_vl --out tiny-qwen2-vl
 
 The folder holds a plain transformers model (saved with the backbone's own ``save_pretrained``) and the real
-``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor`` with a small BPE tokenizer trained with
-``tokenizers``. Convert it with ``examples/convert_base.py``. Sizes live in ``vedas_trainer.tiny_base.TinySizes``.
+``Qwen2VLProcessor`` / ``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor`` / ``ChameleonProcessor`` with a small BPE
+tokenizer trained with ``tokenizers`` (for Chameleon it also holds the VQ code tokens and the image markers). Convert it with ``examples/convert_base.py``. Sizes live in ``vedas_trainer.tiny_base.TinySizes``.
 """
 
 from __future__ import annotations

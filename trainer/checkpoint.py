@@ -405,6 +405,8 @@ def _load_processor(folder: Path, **kwargs):
         raise CheckpointError(f"Could not load the processor/tokenizer files of {str(folder)!r}: {err}") from err
     if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
         raise CheckpointError(f"{str(folder)!r}: {type(processor).__name__} is not an image-text processor.")
+    if getattr(processor, "chat_template", None) is None:  # ChameleonProcessor does not load its own: the tokenizer's
+        processor.chat_template = getattr(processor.tokenizer, "chat_template", None)
     if not (getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)):
         raise CheckpointError(f"{str(folder)!r} has no chat template (chat_template.jinja): prompts cannot be built.")
     return processor

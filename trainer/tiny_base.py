@@ -1,5 +1,9 @@
-"""Tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL *base* checkpoints built offline: config, random weights, a byte-level BPE
-tokenizer trained with `tokenizers`, the backbone's real processor (image and video processors) and a chat template.
+"""Tiny Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Chameleon *base* checkpoints built offline: config, random weights, a
+byte-level BPE tokenizer trained with `tokenizers`, the backbone's real processor and a chat template.
+
+Chameleon has no vision tower: a VQ-VAE turns each image into a grid of codes, which are tokens of the language
+model's own vocabulary (`IMGIMG<code>Z`, listed in the config's `vocabulary_map`); its tokenizer holds them, and
+its processor writes `<racm3:break> <image> x n <eoss>` for each image (`build_chameleon_parts`).
 
 All sizes live in :class:`TinySizes`; tests use the defaults and the embedded training run passes larger values.
 """
@@ -10,6 +14,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    ChameleonConfig,
+    ChameleonForConditionalGeneration,
+    ChameleonImageProcessor,
+    ChameleonProcessor,
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
@@ -26,13 +34,14 @@ from transformers import (
 )
 
 
-BACKBONES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+BACKBONES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "chameleon")
 # backbone -> (config class, model class, processor class, video processor class); the vision settings that differ
 # (patch size, normalisation, the vision config's fields) are in `_vision_config` and `build_processor`
 _CLASSES = {
     "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, Qwen2VLVideoProcessor),
     "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor, Qwen2VLVideoProcessor),
     "qwen3_vl": (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLVideoProcessor),
+    "chameleon": (ChameleonConfig, ChameleonForConditionalGeneration, ChameleonProcessor, None),
 }
 # Qwen3-VL's vision tower: 16-pixel patches (merged cells of 32 pixels) and inputs normalised with mean = std = 0.5
 QWEN3_PATCH_SIZE = 16
@@ -83,6 +92,12 @@ class TinySizes:
     min_pixels: int = 28 * 28 * 4
     max_pixels: int = 28 * 28 * 256
     tie_word_embeddings: bool = True
+    # Chameleon: square images of `image_size` pixels; the VQ encoder halves the side len(multiplier) - 1 times
+    image_size: int = 32
+    vq_base_channels: int = 32  # a multiple of 32 (the encoder's GroupNorm has 32 groups)
+    vq_channel_multiplier: list[int] = field(default_factory=lambda: [1, 1, 2])
+    vq_codes: int = 32
+    vq_embed_dim: int = 8
 
 
 def training_corpus(extra_words=()) -> list[str]:
@@ -94,14 +109,17 @@ def training_corpus(extra_words=()) -> list[str]:
     return [" ".join(words)] * 8 + [f" {w}" for w in words] * 4 + words * 4
 
 
-def build_tokenizer(sizes: TinySizes, corpus: list[str] | None = None) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer: any text encodes, and the task's words become single tokens."""
+def build_tokenizer(sizes: TinySizes, corpus: list[str] | None = None, special_tokens: list[str] | None = None,
+                    named_tokens: dict[str, str] | None = None, chat_template: str = CHAT_TEMPLATE,
+                    **tokens) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer: any text encodes, and the task's words become single tokens. `special_tokens`
+    (default: Qwen's) take the first ids; `named_tokens` become attributes (`tokenizer.image_token`, ...)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=sizes.tokenizer_vocab_size,
-        special_tokens=QWEN_SPECIAL_TOKENS,
+        special_tokens=special_tokens or QWEN_SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -110,10 +128,62 @@ def build_tokenizer(sizes: TinySizes, corpus: list[str] | None = None) -> PreTra
         tokenizer_object=tokenizer,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        extra_special_tokens=named_tokens or {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
         model_max_length=32768,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
+        **tokens,
     )
+
+
+# ------------------------------------------------------------------------------------------------------- Chameleon
+# Chameleon's own marker tokens: an image is `<racm3:break>`, its codes, then `<eoss>`; `<image>` is the placeholder
+# the processor expands and the model fills with the code embeddings; `<reserved08706>` ends a chat prompt (sep)
+CHAMELEON_MARKERS = {"image_token": "<image>", "boi_token": "<racm3:break>", "eoi_token": "<eoss>"}
+CHAMELEON_SEP = "<reserved08706>"
+CHAMELEON_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>")
+
+
+def chameleon_code_token(code: int) -> str:
+    """The token of VQ code `code`, as Chameleon's vocabulary spells it: digits written as letters A-J between
+    `IMGIMG` and `Z` (`ChameleonImageVocabularyMapping.bpe2img` reads them back): 12 -> `IMGIMGBCZ`."""
+    return "IMGIMG" + "".join(chr(ord("A") + int(digit)) for digit in str(code)) + "Z"
+
+
+def chameleon_cell(sizes: TinySizes) -> int:
+    """Pixels per side of one VQ code: the encoder halves the image side once per level but the last."""
+    return 2 ** (len(sizes.vq_channel_multiplier) - 1)
+
+
+def build_chameleon_parts(sizes: TinySizes, seed: int = 0):
+    """The tokenizer (Qwen's chat tokens, Chameleon's markers and one token per VQ code), the ChameleonProcessor
+    (images resized and centre-cropped to `image_size`, one `<image>` per code) and the ChameleonConfig of a tiny
+    Chameleon, whose `vocabulary_map` is the tokenizer's vocabulary. Returns `(config, processor)`."""
+    codes = [chameleon_code_token(code) for code in range(sizes.vq_codes)]
+    tokenizer = build_tokenizer(
+        sizes, special_tokens=[*QWEN_SPECIAL_TOKENS, *CHAMELEON_MARKERS.values(), CHAMELEON_SEP, *codes],
+        named_tokens=CHAMELEON_MARKERS, chat_template=CHAMELEON_CHAT_TEMPLATE, sep_token=CHAMELEON_SEP,
+    )
+    side = sizes.image_size
+    image_processor = ChameleonImageProcessor(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    grid = side // chameleon_cell(sizes)
+    processor = ChameleonProcessor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=grid * grid)
+    processor.chat_template = CHAMELEON_CHAT_TEMPLATE
+    vq_config = dict(
+        embed_dim=sizes.vq_embed_dim, num_embeddings=sizes.vq_codes, latent_channels=sizes.vq_embed_dim,
+        resolution=side, base_channels=sizes.vq_base_channels, channel_multiplier=sizes.vq_channel_multiplier,
+        num_res_blocks=1,
+    )
+    rows = (len(tokenizer) + sizes.spare_embedding_rows + 63) // 64 * 64
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    config = ChameleonConfig(
+        vocab_size=rows, hidden_size=sizes.hidden_size, intermediate_size=sizes.intermediate_size,
+        num_hidden_layers=sizes.num_hidden_layers, num_attention_heads=sizes.num_attention_heads,
+        num_key_value_heads=sizes.num_key_value_heads, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": sizes.rope_theta},
+        vq_config=vq_config, vocabulary_map=dict(tokenizer.get_vocab()), bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=sizes.tie_word_embeddings,
+    )
+    return config, processor
 
 
 def build_processor(backbone: str, tokenizer, sizes: TinySizes):
@@ -191,7 +261,7 @@ def for_backbone(backbone: str, overrides: dict) -> dict:
     """Vedas settings written for Qwen2-VL's 28-pixel merged cells (the embedded default's `crop_resolution`), for
     `backbone`: a crop keeps its number of merged cells (56 = 2 cells of 28 -> 64 = 2 cells of 32 on Qwen3-VL)."""
     _classes(backbone)  # a one-line error for an unknown backbone
-    cell = QWEN3_PATCH_SIZE * 2 if backbone == "qwen3_vl" else 28
+    cell = {"qwen3_vl": QWEN3_PATCH_SIZE * 2, "chameleon": chameleon_cell(TinySizes())}.get(backbone, 28)
     if "crop_resolution" not in overrides or cell == 28:
         return dict(overrides)
     return {**overrides, "crop_resolution": overrides["crop_resolution"] * cell // 28}
@@ -201,13 +271,16 @@ def build_tiny_base(backbone: str, out_dir: str | None = None, seed: int = 0, si
     """Build (and, with `out_dir`, save) a tiny base model and its processor. Returns `(model, processor)`."""
     _classes(backbone)  # an unknown backbone fails before the tokenizer is trained
     sizes = sizes or TinySizes()
-    tokenizer = build_tokenizer(sizes)
-    processor = build_processor(backbone, tokenizer, sizes)
-    config = build_config(backbone, tokenizer, sizes)
+    if backbone == "chameleon":
+        config, processor = build_chameleon_parts(sizes)
+    else:
+        tokenizer = build_tokenizer(sizes)
+        processor = build_processor(backbone, tokenizer, sizes)
+        config = build_config(backbone, tokenizer, sizes)
     torch.manual_seed(seed)
     model = _classes(backbone)[1](config).eval()
-    model.generation_config.pad_token_id = config.text_config.pad_token_id
-    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.generation_config.pad_token_id = config.get_text_config().pad_token_id
+    model.generation_config.eos_token_id = config.get_text_config().eos_token_id
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         model.save_pretrained(out_dir)
@@ -217,4 +290,5 @@ def build_tiny_base(backbone: str, out_dir: str | None = None, seed: int = 0, si
 
 __all__ = [
     "TinySizes", "build_tiny_base", "for_backbone", "build_tokenizer", "build_processor", "build_config", "asdict",
+    "build_chameleon_parts", "chameleon_code_token", "chameleon_cell",
 ]
