@@ -242,3 +242,36 @@ def test_cot_step_reading_finds_the_first_wrong_step():
     misread = cot_step_reading([sample], [cases["read: direction"]])
     assert misread["direction_accuracy"] == pytest.approx((len(steps) - 1) / len(steps))
     assert cot_step_reading([], [])["colour_accuracy"] is None
+
+
+def _pale_pixels(image, row: int, col: int) -> list[tuple[int, int]]:
+    """(x, y) within cell (row, col) of the pale (white) arrow of a "tiles" board."""
+    return [(x, y) for x in range(CELL_PX) for y in range(CELL_PX)
+            if image.getpixel((col * CELL_PX + x, row * CELL_PX + y)) == (255, 255, 255)]
+
+
+@pytest.mark.parametrize("placement", ["leading", "centred"])
+def test_arrow_placement_decides_which_patches_hold_the_arrow(placement):
+    """Two thirds or more of a leading arrow lie in the two 14-px patches on the side it points to (its direction
+    is which half of the cell is paler); a centred one puts its wide base, three quarters of it, behind. Both keep clear of the grid lines and of the distractors
+    on cell corners and edge midpoints (radius <= 3 px)."""
+    half_px = CELL_PX // 2
+    for seed in range(6):
+        sample = make_sample(seed, distractor_prob=0.0, arrow_placement=placement)
+        scene, image = sample["scene"], sample["images"][0]
+        assert scene["arrow_placement"] == placement
+        for r in range(scene["grid_size"]):
+            for c in range(scene["grid_size"]):
+                pale = _pale_pixels(image, r, c)
+                d_row, d_col = DIRECTIONS[scene["cells"][r][c][1]]
+                # pixels on the pointed side of the cell's centre line (the patch boundary at 14 px)
+                ahead = [(x, y) for x, y in pale
+                         if (d_col and (x >= half_px) == (d_col > 0)) or (d_row and (y >= half_px) == (d_row > 0))]
+                share = len(ahead) / len(pale)
+                if placement == "leading":
+                    assert share > 0.6, (seed, r, c, share)
+                else:
+                    assert share < 0.35, (seed, r, c, share)
+                assert all(4 <= x <= CELL_PX - 5 and 4 <= y <= CELL_PX - 5 for x, y in pale), (seed, r, c)
+    with pytest.raises(ValueError, match="arrow_placement must be one of .*got 'middle'"):
+        make_sample(0, arrow_placement="middle")

@@ -157,9 +157,10 @@ def _triangle(cx: float, cy: float, half: int, direction: str, placement: str = 
 
     ``"centred"``: centred on the cell centre (cx, cy), inside a 2*half box; its four quarters fall in the four
     14-px patches of the cell almost alike, so the direction is a fine detail of all four.
-    ``"leading"``: the tip is :data:`ARROW_REACH` px ahead of the centre and the base 1 px behind it, so nearly
-    all of the arrow lies in the two patches on the side it points to: the direction is which half of the cell
-    is pale, a coarse feature that a tiny vision tower reads from each patch's mean.
+    ``"leading"``: the tip is :data:`ARROW_REACH` px ahead of the centre and the base 1 px behind it, so two
+    thirds or more of the arrow lie in the two patches on the side it points to (a centred arrow puts three
+    quarters of itself behind): the direction is which half of the cell is paler, a coarse feature that a tiny
+    vision tower reads from each patch's mean.
     Either way the cell centre is strictly inside the triangle, which the tests use.
     """
     d_row, d_col = DIRECTIONS[direction]
