@@ -1035,11 +1035,12 @@ class VedasMixin:
                                   k=run.num_replay, rescale=cfg.replay_scale == "rescaled")
         run.visited = torch.where(rows[:, None], selection.visited, run.visited)
         hidden = run.embeds.shape[-1]
-        features = run.embeds.gather(1, run.visual.columns.unsqueeze(-1).expand(-1, -1, hidden))  # V: merger outputs
-        chosen = features.gather(1, selection.indices.unsqueeze(-1).expand(-1, -1, hidden))
+        # the chosen tokens' columns, then one gather of their merger outputs V and positions (gathering all the
+        # visual tokens first copied the whole of V, (batch, v, hidden), at every step)
+        columns = run.visual.columns.gather(1, selection.indices)  # (batch, K)
+        chosen = run.embeds.gather(1, columns.unsqueeze(-1).expand(-1, -1, hidden))
         tokens = chosen * selection.weights.to(run.embeds.dtype).unsqueeze(-1)  # B(t): (batch, K, hidden)
-        visual_positions = run.positions.gather(2, run.visual.columns[None].expand(3, -1, -1))
-        positions = visual_positions.gather(2, selection.indices[None].expand(3, -1, -1))
+        positions = run.positions.gather(2, columns[None].expand(3, -1, -1))
         slot_valid = selection.valid
         if cfg.replay_mode == "soft_mix":
             tokens = tokens.sum(1, keepdim=True)

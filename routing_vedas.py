@@ -136,6 +136,20 @@ class VedasForwardState:
     router_scores: dict = field(default_factory=dict)
     segments: torch.Tensor | None = None
     attention_calls: list = field(default_factory=list)
+    _negated: dict = field(default_factory=dict, init=False, repr=False)  # `replace` starts an empty one
+
+    def key_invalid(self, length: int) -> torch.Tensor:
+        """`~key_valid[:, :length]`, computed once per forward instead of once per layer."""
+        if ("keys", length) not in self._negated:
+            self._negated[("keys", length)] = ~self.key_valid[:, :length]
+        return self._negated[("keys", length)]
+
+    @property
+    def saliency_invalid(self) -> torch.Tensor:
+        """`~saliency_valid`, computed once per forward instead of once per layer."""
+        if "saliency" not in self._negated:
+            self._negated["saliency"] = ~self.saliency_valid
+        return self._negated["saliency"]
 
 
 def _top_alpha(scores: torch.Tensor, mask: torch.Tensor, k: torch.Tensor,
@@ -290,14 +304,17 @@ class VedasDecoderLayerMixin:
             keys = self._heads(attn.k_proj, getattr(attn, "k_norm", None), hidden_states)
             keys = _rotate(keys, *position_embeddings)
         query = _rotate(query, cos, sin)
-        keys = keys.repeat_interleave(attn.num_key_value_groups, dim=1)
+        # the query heads grouped by their key-value head, (b, kv_heads, groups, d) @ (b, kv_heads, d, n), rather
+        # than the keys repeated per query head: no (b, heads, n, d) copy of the cache at every layer and step
+        batch, kv_heads, length = keys.shape[:3]
+        query = query.reshape(batch, kv_heads, attn.num_key_value_groups, -1)
         # q·k and the softmax in fp32 even under autocast (which would run the matmul in bf16/fp16): over thousands
         # of keys the row's probabilities are ~1e-4 each, and their differences decide which tokens are replayed
         with fp32_region(hidden_states.device):
-            logits = (query.float() @ keys.float().transpose(-1, -2)).squeeze(2) * attn.scaling  # (b, heads, n)
-            logits = logits.masked_fill(~state.key_valid[:, None, : logits.shape[-1]], float("-inf"))
+            logits = (query.float() @ keys.float().transpose(-1, -2)).reshape(batch, -1, length) * attn.scaling
+            logits = logits.masked_fill(state.key_invalid(length)[:, None], float("-inf"))  # (b, heads, n)
             row = logits.softmax(-1).mean(1)  # (b, n)
-        row = row.gather(1, state.saliency_columns).masked_fill(~state.saliency_valid, 0.0)
+        row = row.gather(1, state.saliency_columns).masked_fill(state.saliency_invalid, 0.0)
         state.saliency_sum = row if state.saliency_sum is None else state.saliency_sum + row
         state.saliency_layers += 1
 
@@ -505,9 +522,26 @@ def _rotate(x, cos, sin):
 
 def fp32_region(device: torch.device):
     """A block where autocast is off, so that float32 operands stay float32 (autocast runs matmul and linear in
-    bf16/fp16 whatever their input dtype). Devices without autocast support have nothing to turn off."""
+    bf16/fp16 whatever their input dtype). Devices without autocast support have nothing to turn off, and when
+    autocast is off already (inference in the model's dtype), entering and leaving a context per layer and router
+    call would be Python work for nothing."""
     device_type = device.type if torch.amp.is_autocast_available(device.type) else "cpu"
+    if not torch.is_autocast_enabled(device_type):
+        return _NO_REGION
     return torch.autocast(device_type=device_type, enabled=False)
+
+
+class _NoRegion:
+    """A context that does nothing (`contextlib.nullcontext`, which the remote code does not import)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+_NO_REGION = _NoRegion()
 
 
 class DepthRouter(nn.Linear):
