@@ -399,6 +399,7 @@ class VedasMixin:
         self.token_sr = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, hidden))
         self._warned = set()
         self._routing_prompt_length = None  # set by generate while it decodes without a cache
+        self._generating = False  # set by generate: its forwards skip the router statistics nobody reads there
 
     def _init_weights(self, module):
         """The backbone's init, and e(d) = `depth_gate_init` (0 by default: the converted model is its base)."""
@@ -448,6 +449,7 @@ class VedasMixin:
             rotary_emb=self.model.language_model.rotary_emb,
             routing_mode=self.config.routing,
             record_scores=record_scores,
+            record_stats=not self._generating,
         )
 
     def _embed(self, input_ids, pixel_values, image_grid_thw, inputs_embeds=None):
@@ -1285,6 +1287,16 @@ class VedasMixin:
         cropped), static caches, `cache_implementation` other than dynamic, `compile_config`, and non-integer or
         out-of-range T and K.
         """
+        generating, self._generating = self._generating, True  # the latent phase and decoding: no router stats
+        try:
+            return self._generate(input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
+                                  num_latent_steps, num_replay_tokens, output_latent_trace, kwargs)
+        finally:
+            self._generating = generating
+
+    def _generate(self, input_ids, attention_mask, pixel_values, image_grid_thw, mm_token_type_ids,
+                  num_latent_steps, num_replay_tokens, output_latent_trace, kwargs):
+        """`generate`'s work, its keywords in `kwargs`."""
         if "cache" in kwargs:  # the name from transformers 5.24 on
             kwargs["past_key_values"] = kwargs.pop("cache")
         cfg = self.config

@@ -115,6 +115,8 @@ class VedasForwardState:
             adds the attention of the last query over these columns (averaged over heads) to `saliency_sum`.
         rotary_emb (`nn.Module`): the text model's rotary embedding (for `"rearranged"` second-pass positions).
         record_scores (`bool`): keep the full router scores per layer (for traces and plots).
+        record_stats (`bool`): keep the router statistics per layer (`router_stats`, for the training logs);
+            `generate` turns them off, as nothing reads them there.
         segments (`(batch, l)` long, optional): index of the packed sequence each token belongs to, non-decreasing
             along the row (None: one sequence per row).
         attention_calls (`list[bool]`): one entry per call of a layer's attention module, True for the layer's own
@@ -130,6 +132,7 @@ class VedasForwardState:
     rotary_emb: nn.Module | None = None
     routing_mode: str = "causal"
     record_scores: bool = False
+    record_stats: bool = True
     saliency_sum: torch.Tensor | None = None
     saliency_layers: int = 0
     router_stats: dict = field(default_factory=dict)
@@ -374,7 +377,8 @@ class VedasDecoderLayerMixin:
     def _select(self, scores, key, cache, state: VedasForwardState):
         """The selection m `(batch, l)` bool from the router scores s `(batch, l)`: top-α of the sequence
         (`"global"`), else top-α of the routing prompt, which sets the threshold that later tokens (and those after
-        it on the cache) must reach. Records the router statistics; returns m and the packed-sequence ids."""
+        it on the cache) must reach. Records the router statistics (when `state.record_stats`); returns m and the
+        packed-sequence ids."""
         valid = state.token_valid
         segments = state.segments if state.segments is not None else torch.zeros_like(valid, dtype=torch.long)
         if state.routing_mode == "global":
@@ -389,10 +393,12 @@ class VedasDecoderLayerMixin:
             if cache is not None:  # a cache never holds packed rows: one segment
                 cache.routing_thresholds[key] = threshold[:, 0]
 
-        counts = selected.sum(-1)
-        stats = {"selected": counts.float().mean(), "threshold": threshold.masked_fill(threshold.isinf(), 0).mean(),
-                 "score": (scores * valid).sum() / valid.sum().clamp(min=1)}
-        state.router_stats[key] = {name: value.detach() for name, value in stats.items()}
+        if state.record_stats:  # ~10 reductions per routing layer and pass, which generate never reads
+            counts = selected.sum(-1)
+            stats = {"selected": counts.float().mean(),
+                     "threshold": threshold.masked_fill(threshold.isinf(), 0).mean(),
+                     "score": (scores * valid).sum() / valid.sum().clamp(min=1)}
+            state.router_stats[key] = {name: value.detach() for name, value in stats.items()}
         if state.record_scores:
             state.router_scores[key] = (scores.detach(), selected)
         return selected, segments

@@ -424,6 +424,30 @@ def test_backward_through_two_depth_steps(backbone, vedas_dirs):
         assert layer.depth_router.weight.grad.abs().sum() > 0
 
 
+def test_generate_records_no_router_statistics_but_forward_does(backbone, vedas_dirs, monkeypatch):
+    """Nothing reads the router statistics in `generate`: its forwards (latent phase and decoding) skip them while
+    routing runs as before; a forward records them, also after a `generate` that failed."""
+    model, processor = load(vedas_dirs, backbone)
+    states, build = [], type(model)._routing_state
+
+    def recorded_state(self, *args, **kwargs):
+        states.append(build(self, *args, **kwargs))
+        return states[-1]
+
+    monkeypatch.setattr(type(model), "_routing_state", recorded_state)
+    inputs = make_inputs(processor, QUESTIONS[:1], images(1))
+    model.generate(**inputs, num_latent_steps=2, max_new_tokens=3, do_sample=False)
+    assert len(states) > 3 and any(False in state.attention_calls for state in states)  # second passes ran
+    assert not any(state.record_stats or state.router_stats for state in states)
+    with pytest.raises(ValueError, match="num_latent_steps"):
+        model.generate(**inputs, num_latent_steps=-1, max_new_tokens=1)
+    states.clear()
+    out = forward(model, inputs)
+    assert len(states) == 1 and states[0].record_stats
+    expected = [(layer, depth) for layer in model.config.routing_layers for depth in range(model.config.max_depth)]
+    assert sorted(out.router_stats) == expected
+
+
 # ---------------------------------------------------------------------------------------------------- bad configs
 BAD_CONFIGS = [
     ({"routing_layers": [0, 7]}, r"routing_layers.*\[7\].*outside"),
