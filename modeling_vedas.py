@@ -48,6 +48,7 @@ from .routing_vedas import (
     VedasDecoderLayer,
     VedasForwardState,
     _agree_across_ranks,
+    _can_update_in_place,
     _in_lockstep,
 )
 
@@ -255,6 +256,23 @@ def _check_count(name: str, value, bound: int) -> int:
     if count is None or not 0 <= count <= bound:
         raise ValueError(f"{name} must be an integer in [0, {bound}], got {value!r}.")
     return count
+
+
+def _write_embeds(run: _LatentRun, rows, writes):
+    """Write `(columns, values (batch, len(columns), hidden))` pairs into `run.embeds` for the `rows` `(batch,)` that
+    have the step. Under autograd out of place: the earlier passes' inputs are views of `run.embeds` that backward
+    may need. Without it (`generate`) in place, touching only those columns: the out-of-place form allocates,
+    zero-fills and selects two more `(batch, l, hidden)` tensors at every step."""
+    if not _can_update_in_place(run.embeds):
+        fill = torch.zeros(run.mask.shape, dtype=torch.bool, device=run.mask.device)
+        new_embeds = torch.zeros_like(run.embeds)
+        for columns, values in writes:
+            fill[:, columns] = rows[:, None]
+            new_embeds[:, columns] = values
+        run.embeds = torch.where(fill.unsqueeze(-1), new_embeds, run.embeds)
+        return
+    for columns, values in writes:
+        run.embeds[:, columns] = torch.where(rows[:, None, None], values, run.embeds[:, columns])
 
 
 def _accumulate_router_stats(total: dict, new: dict, passes_before: int):
@@ -929,6 +947,8 @@ class VedasMixin:
             input_ids, mask, mm_token_type_ids, labels = _pad_for_steps(
                 self, layout, input_ids, mask, mm_token_type_ids, labels)
         embeds, deepstack = self._embed_visual(input_ids, pixel_values, image_grid_thw, inputs_embeds=inputs_embeds)
+        if embeds is inputs_embeds:  # the caller's tensor: the steps may write into the embeddings in place
+            embeds = embeds.clone()
         visual = visual_tokens(is_image=(input_ids == cfg.image_token_id) & mask.bool(),
                                image_grid_thw=image_grid_thw, merge_size=cfg.vision_config.spatial_merge_size)
         self._warn_replay_shortage(visual=visual, num_replay=num_replay, slots=layout.slots, layout=layout)
@@ -996,18 +1016,14 @@ class VedasMixin:
     def _latent_step(self, run: _LatentRun, t: int, last_hidden, state) -> dict:
         """Latent step t: writes z(t) = `last_hidden` `(batch, hidden)` into its column and B(t) into its R replay
         slots (positions and attention mask too), for the rows that have step t. Returns the step's trace."""
-        layout, batch, length = run.layout, *run.mask.shape
+        layout, batch = run.layout, run.mask.shape[0]
         rows = layout.steps >= t  # rows that have this step
-        fill = torch.zeros(batch, length, dtype=torch.bool, device=run.mask.device)
-        fill[:, layout.latent_column(t)] = rows
-        new_embeds = torch.zeros_like(run.embeds)
-        new_embeds[:, layout.latent_column(t)] = last_hidden
+        writes = [([layout.latent_column(t)], last_hidden[:, None])]
         trace = {"router_scores": state.router_scores}
         columns = list(layout.replay_columns(t))
         if run.replay_on:
             replay = self._replay_tokens(run, rows=rows, state=state)
-            fill[:, columns] = rows[:, None]
-            new_embeds[:, columns] = replay.tokens
+            writes.append((columns, replay.tokens))
             if self.config.replay_positions == "original":
                 run.positions[:, :, columns] = torch.where(rows[None, :, None], replay.positions,
                                                            run.positions[:, :, columns])
@@ -1025,7 +1041,7 @@ class VedasMixin:
                 trace.update(replay_indices=torch.full((batch, run.num_replay), -1, dtype=torch.long, device=device),
                              replay_weights=torch.zeros(batch, run.num_replay, device=device),
                              saliency=torch.zeros(batch, 0, device=device), crop_window=[None] * batch)
-        run.embeds = torch.where(fill.unsqueeze(-1), new_embeds, run.embeds)
+        _write_embeds(run, rows, writes)
         return trace
 
     def _replay_tokens(self, run: _LatentRun, rows, state) -> _Replay:

@@ -371,7 +371,10 @@ class VedasDecoderLayerMixin:
             routed = hidden_states.scatter_add(1, index.expand_as(delta), delta)
             return self._depth_residual(hidden_states, routed, depth)
         delta = (f_sel - h_sel) * gate * self.depth_step_embed.weight[depth] * sel_valid.unsqueeze(-1)
-        # out-of-place scatter_add: one copy of the hidden states plus the selected rows (indices are distinct)
+        if _can_update_in_place(hidden_states):  # h is this layer's own output: no (batch, l, hidden) copy
+            return hidden_states.scatter_add_(1, index.expand_as(delta), delta)
+        # under autograd out of place, as backward may need h unchanged: one copy of the hidden states plus the
+        # selected rows (indices are distinct)
         return hidden_states.scatter_add(1, index.expand_as(delta), delta)
 
     def _select(self, scores, key, cache, state: VedasForwardState):
@@ -524,6 +527,13 @@ def _rotate(x, cos, sin):
     cos/sin are (batch, seq, head_dim)."""
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return x * cos + rotate_half(x) * sin
+
+
+def _can_update_in_place(tensor: torch.Tensor) -> bool:
+    """Whether a step may write into `tensor` in place: only while autograd records nothing (`generate`, a forward
+    under `torch.no_grad`, the no-grad forward of a reentrant checkpoint, whose backward recomputes it with grad)
+    and `tensor` is no part of a graph. Under autograd, backward may need the values an in-place write destroys."""
+    return not (torch.is_grad_enabled() or tensor.requires_grad)
 
 
 def fp32_region(device: torch.device):

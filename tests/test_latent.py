@@ -357,3 +357,76 @@ def test_gradient_checkpointing_keeps_the_cache_and_the_gradients(model_and_proc
         if error > 1e-4:
             far[name] = error
     assert not far, far
+
+
+class InPlaceSpy:
+    """Stands in for `_can_update_in_place` in `routing_vedas` (`_route`) and `modeling_vedas` (`_write_embeds`):
+    records `(module, wrote in place, autograd recording)` per call; with `allow = False` every write goes out of
+    place, as before the in-place paths existed (the reference)."""
+
+    def __init__(self, monkeypatch):
+        from vedas import modeling_vedas, routing_vedas
+
+        self.original, self.allow, self.calls = routing_vedas._can_update_in_place, True, []
+        for module in (routing_vedas, modeling_vedas):
+            monkeypatch.setattr(module, "_can_update_in_place", lambda t, name=module.__name__: self.check(name, t))
+
+    def check(self, module, tensor):
+        in_place = self.allow and self.original(tensor)
+        self.calls.append((module.rsplit(".", 1)[-1], in_place, torch.is_grad_enabled() or tensor.requires_grad))
+        return in_place
+
+    def in_place(self) -> set:
+        """The modules that wrote in place; fails if one did while autograd was recording."""
+        assert not [call for call in self.calls if call[1] and call[2]], "an in-place write under autograd"
+        return {module for module, in_place, _ in self.calls if in_place}
+
+
+@pytest.mark.parametrize("checkpointing", [None, {"use_reentrant": True}, {"use_reentrant": False}])
+def test_in_place_writes_never_run_under_autograd(model_and_processor, checkpointing, monkeypatch):
+    """A training step with replay, routing and L_recon gives the losses and every gradient of the same step with
+    every write out of place. Only the no-grad forward of a reentrant checkpoint (`_checkpoint_with_cache`, whose
+    backward recomputes the layer with grad) adds the routed update in place; the embeddings never are."""
+    model, processor = model_and_processor
+    batch = training_batch(model, processor)
+    spy = InPlaceSpy(monkeypatch)
+    spy.allow = False
+    reference, ref_losses, _ = _training_gradients(model, batch, checkpointing)
+    spy.allow, spy.calls = True, []
+    grads, losses, _ = _training_gradients(model, batch, checkpointing)
+    reentrant = checkpointing is not None and checkpointing["use_reentrant"]
+    assert spy.in_place() == ({"routing_vedas"} if reentrant else set())
+    assert {module for module, *_ in spy.calls} == {"routing_vedas", "modeling_vedas"}
+    torch.testing.assert_close(losses, ref_losses, atol=0, rtol=0)
+    assert sorted(grads) == sorted(reference)
+    for name, expected in reference.items():
+        torch.testing.assert_close(grads[name], expected, atol=1e-7, rtol=1e-6, msg=name)
+
+
+def test_no_grad_latent_forward_writes_in_place_but_not_into_the_callers_embeddings(model_and_processor, monkeypatch):
+    """Without autograd the routed update and the steps' z(t) and B(t) are written in place, with the logits and
+    trace of the out-of-place writes; `inputs_embeds` passed by the caller is copied first, never written."""
+    model, processor = model_and_processor
+    batch = training_batch(model, processor)
+    batch.pop("crop_images")
+    spy = InPlaceSpy(monkeypatch)
+    with torch.no_grad():
+        spy.allow = False
+        reference = model(**batch, output_latent_trace=True)
+        spy.allow, spy.calls = True, []
+        out = model(**batch, output_latent_trace=True)
+    assert spy.in_place() == {"routing_vedas", "modeling_vedas"}
+    assert torch.equal(out.logits, reference.logits)
+    for ours, theirs in zip(out.latent_trace, reference.latent_trace):
+        assert torch.equal(ours["replay_indices"], theirs["replay_indices"])
+        assert torch.equal(ours["replay_weights"], theirs["replay_weights"])
+    # a prompt without an image: the embeddings are the caller's tensor itself (no merger outputs scattered in)
+    inputs = make_inputs(processor, ["what colour ?"], [[]])
+    ids, mask = model._append_latent_block(inputs["input_ids"], inputs["attention_mask"], None, 2, 4)[:2]
+    with torch.no_grad():
+        embeds = model.model.get_input_embeddings()(ids)
+        kept = embeds.clone()
+        given = model(input_ids=ids, attention_mask=mask, inputs_embeds=embeds).logits
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(embeds, kept)
+    assert torch.equal(given, expected)
