@@ -10,6 +10,8 @@ _EXPORTS = {
     "VedasForConditionalGeneration": "modeling_vedas",
     "Vedas25ForConditionalGeneration": "modeling_vedas",
     "Vedas3ForConditionalGeneration": "modeling_vedas",
+    "VedasChameleonConfig": "chameleon_vedas",
+    "VedasChameleonForConditionalGeneration": "chameleon_vedas",
     "VedasCache": "routing_vedas",
 }
 __all__ = list(_EXPORTS)

@@ -308,11 +308,11 @@ class VedasSettings:
         _check_int("num_replay_tokens", self.num_replay_tokens, low=0, high=MAX_REPLAY_TOKENS)
         _check_int("window_size (W)", self.window_size, low=1)
         _check_int("max_depth (D)", self.max_depth, low=1)
-        unit = self.vision_config.patch_size * self.vision_config.spatial_merge_size
+        unit, name = self.visual_cell
         if not _is_int(self.crop_resolution) or self.crop_resolution < unit or self.crop_resolution % unit:
             raise ValueError(
-                f"VedasConfig.crop_resolution must be a positive multiple of patch_size * spatial_merge_size "
-                f"({unit}), got {self.crop_resolution!r}."
+                f"VedasConfig.crop_resolution must be a positive multiple of {name} ({unit}), got "
+                f"{self.crop_resolution!r}."
             )
         if isinstance(self.recon_weight, bool) or not self.recon_weight >= 0:
             raise ValueError(f"VedasConfig.recon_weight (λ) must be a number >= 0, got {self.recon_weight!r}.")
@@ -351,6 +351,16 @@ class VedasSettings:
         for name in ("image_mean", "image_std"):
             if len(getattr(self, name)) != 3:
                 raise ValueError(f"VedasConfig.{name} must have 3 values, got {getattr(self, name)!r}.")
+
+    @property
+    def visual_cell(self) -> tuple[int, str]:
+        """The side in pixels of one cell of the visual grid (one visual token), and what it is made of."""
+        return self.vision_config.patch_size * self.vision_config.spatial_merge_size, "patch_size * spatial_merge_size"
+
+    @property
+    def visual_merge_size(self) -> int:
+        """Patches per side of one visual token (the merger's side): `image_grid_thw` counts patches."""
+        return self.vision_config.spatial_merge_size
 
     @property
     def replay_tokens_per_step(self) -> int:

@@ -398,9 +398,10 @@ VEDAS_MODULES = ("depth_router", "depth_step_embed", "token_sr")
 
 
 class VedasMixin:
-    """The Vedas logic shared by the Qwen2-VL, Qwen2.5-VL and Qwen3-VL classes. A backbone class adds only its
+    """The Vedas logic shared by the Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Chameleon classes. A backbone class adds its
     transformers parent, its config class and its routing decoder layer (`_decoder_layer_class`); what else differs
-    is read from the backbone itself (its `get_rope_index`, rotary embedding, image features and DeepStack)."""
+    is read from the backbone itself (its `get_rope_index`, rotary embedding, image features and DeepStack) through
+    the backbone hooks below, whose defaults are the Qwen family's (chameleon_vedas.py overrides them)."""
 
     _decoder_layer_class = None
 
@@ -409,7 +410,7 @@ class VedasMixin:
         # VedasSettings checks its fields when it is built and loaded; fields set on it since are checked here
         self.config._finalize_vedas()
         text_config = self.config.text_config
-        layers = self.model.language_model.layers
+        layers = self._text_model.layers
         for idx in range(len(layers)):
             layers[idx] = self._decoder_layer_class(text_config, idx, self.config)
         hidden = text_config.hidden_size
@@ -435,6 +436,48 @@ class VedasMixin:
             for module in self.modules():
                 if isinstance(module, DepthStepEmbedding):
                     self._init_weights(module)
+
+    # ------------------------------------------------------------------ backbone hooks
+    # What differs between backbones, read through these methods only; the defaults are the Qwen-VL family's, and a
+    # backbone module such as chameleon_vedas.py overrides them.
+    @property
+    def _text_model(self) -> nn.Module:
+        """The decoder stack: its `layers`, its `rotary_emb`, and a forward over `inputs_embeds`."""
+        return self.model.language_model
+
+    def _run_text_model(self, **kwargs):
+        """The decoder stack's forward (`inputs_embeds`, masks, positions as `_latent_position_ids` writes them)."""
+        return self._text_model(**kwargs)
+
+    def _image_embeddings(self, pixel_values, image_grid_thw) -> tuple[torch.Tensor, tuple | None]:
+        """`(n, hidden)` embeddings of the image slots of the batch, in order (V, what replay copies), and the
+        DeepStack features (Qwen3-VL: one tuple of per-image tensors per layer; None elsewhere)."""
+        features = self.model.get_image_features(pixel_values, image_grid_thw)
+        return torch.cat(features.pooler_output), getattr(features, "deepstack_features", None)
+
+    def _default_position_ids(self, input_ids, embeds, image_grid_thw, key_valid, past_key_values, mm_token_type_ids):
+        """Positions of a plain forward called without them (`(3, batch, past + l)`, or None: the backbone's)."""
+        return self.model.compute_3d_position_ids(
+            input_ids=input_ids, inputs_embeds=embeds, image_grid_thw=image_grid_thw, video_grid_thw=None,
+            attention_mask=key_valid, **{CACHE_ARG: past_key_values}, mm_token_type_ids=mm_token_type_ids,
+        )
+
+    def _lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits `(batch, l, vocab)` of final hidden states `(batch, l, hidden)`."""
+        return self.lm_head(hidden)
+
+    def _grid_region(self, image: torch.Tensor) -> torch.Tensor:
+        """The part `(3, h, w)` of an original image `(3, H, W)` that the processor's visual grid covers."""
+        return image
+
+    def _encode_crops(self, crops: torch.Tensor) -> torch.Tensor:
+        """SCF-VR's teacher: crops `(n, 3, S, S)` in [0, 1] re-encoded as the prompt's images are, mean-pooled over
+        their visual tokens: `(n, hidden)`. Called under no_grad."""
+        cfg, vision = self.config, self.config.vision_config
+        pixel_values, grid_thw = patchify_images(crops, vision.patch_size, vision.temporal_patch_size,
+                                                 vision.spatial_merge_size, cfg.image_mean, cfg.image_std)
+        features = self.model.get_image_features(pixel_values.to(self.model.visual.dtype), grid_thw.to(self.device))
+        return torch.stack([f.mean(0) for f in features.pooler_output])
 
     # ------------------------------------------------------------------ helpers
     def _warn_once(self, key: str, message: str):
@@ -464,7 +507,7 @@ class VedasMixin:
             prompt_lengths=prompt_lengths,
             segments=segments,
             key_valid=key_valid,
-            rotary_emb=self.model.language_model.rotary_emb,
+            rotary_emb=self._text_model.rotary_emb,
             routing_mode=self.config.routing,
             record_scores=record_scores,
             record_stats=not self._generating,
@@ -482,8 +525,7 @@ class VedasMixin:
         embeds = table(input_ids) if inputs_embeds is None else inputs_embeds
         if pixel_values is None:
             return embeds, None
-        features = self.model.get_image_features(pixel_values, image_grid_thw)
-        image_embeds = torch.cat(features.pooler_output)
+        image_embeds, layers = self._image_embeddings(pixel_values, image_grid_thw)
         if input_ids is not None:
             image_mask = (input_ids == self.config.image_token_id).unsqueeze(-1)
         else:
@@ -495,7 +537,6 @@ class VedasMixin:
                 f"visual features: input_ids and pixel_values/image_grid_thw do not belong together."
             )
         embeds = embeds.masked_scatter(image_mask, image_embeds.to(embeds.dtype))
-        layers = getattr(features, "deepstack_features", None)  # Qwen3-VL only: one tuple of per-image tensors each
         deepstack = _DeepStack(image_mask[..., 0], [torch.cat(f) for f in layers]) if layers else None
         return embeds, deepstack
 
@@ -655,24 +696,21 @@ class VedasMixin:
         embeds, deepstack = self._embed_visual(input_ids, *image_inputs.values(), inputs_embeds=inputs_embeds)
         length = embeds.shape[1]
         if position_ids is None:
-            position_ids = self.model.compute_3d_position_ids(
-                input_ids=input_ids, inputs_embeds=embeds, image_grid_thw=image_inputs["image_grid_thw"],
-                video_grid_thw=None, attention_mask=key_valid, **{CACHE_ARG: past_key_values},
-                mm_token_type_ids=mm_token_type_ids,
-            )
+            position_ids = self._default_position_ids(input_ids, embeds, image_inputs["image_grid_thw"], key_valid,
+                                                      past_key_values, mm_token_type_ids)
             if position_ids is not None:  # on a cache, HF derives positions for the whole attention mask
                 position_ids = position_ids[..., -length:]
         prompt_mask = self._prompt_mask(input_ids, labels, token_valid, prompt_length=self._routing_prompt_length,
                                         past_length=past_length, segments=segments)
         state = self._routing_state(token_valid, prompt_mask, record_scores=output_router_scores, segments=segments)
-        outputs = self.model.language_model(
+        outputs = self._run_text_model(
             inputs_embeds=embeds, attention_mask=backbone_mask, position_ids=position_ids,
             use_cache=use_cache, vedas_state=state, **record, **{CACHE_ARG: past_key_values},
             **(deepstack.inputs(slice(None)) if deepstack is not None else {}),
         )
         hidden = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden[:, slice_indices])
+        logits = self._lm_logits(hidden[:, slice_indices])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
@@ -829,22 +867,17 @@ class VedasMixin:
     def _recon_targets(self, requests, grids, crop_images, dtype):
         """u_ref: the crops of the dense windows (`requests`: `(sample, (image, row0, row1, col0, col1))`),
         re-encoded without grad and mean-pooled, layer-normalised with `recon_normalize_target`: `(n, hidden)`."""
-        cfg, vision = self.config, self.config.vision_config
+        cfg = self.config
         size = (cfg.crop_resolution, cfg.crop_resolution)
         crops = []
         for row, (image, r0, r1, c0, c1) in requests:
             if row >= len(crop_images) or image >= len(crop_images[row]):
                 raise ValueError(f"crop_images[{row}] has no image {image}: pass every image of every sample.")
-            original = crop_images[row][image]
+            original = self._grid_region(crop_images[row][image])
             box = window_to_pixel_box((r0, r1), (c0, c1), grids[row][image], tuple(original.shape[-2:]))
             crops.append(crop_and_resize(original, box, size))
-        pixel_values, grid_thw = patchify_images(
-            torch.stack(crops).to(self.device), vision.patch_size, vision.temporal_patch_size,
-            vision.spatial_merge_size, cfg.image_mean, cfg.image_std,
-        )
         with torch.no_grad():
-            features = self.model.get_image_features(pixel_values.to(self.model.visual.dtype), grid_thw.to(self.device))
-        pooled = torch.stack([f.mean(0) for f in features.pooler_output]).float()
+            pooled = self._encode_crops(torch.stack(crops).to(self.device)).float()
         if cfg.recon_normalize_target:  # a fixed scale while the vision tower (and so u_ref) keeps moving
             pooled = nn.functional.layer_norm(pooled, pooled.shape[-1:])
         return pooled.to(dtype)
@@ -852,13 +885,11 @@ class VedasMixin:
     def _idle_recon(self, dtype) -> torch.Tensor:
         """Zero times the reconstruction of a blank crop, for a rank in lockstep whose batch selected no crop
         window: it runs the vision tower and `token_sr` like the ranks that have crops."""
-        cfg, vision = self.config, self.config.vision_config
+        cfg = self.config
         blank = torch.zeros(1, 3, cfg.crop_resolution, cfg.crop_resolution, device=self.device)
-        pixel_values, grid_thw = patchify_images(blank, vision.patch_size, vision.temporal_patch_size,
-                                                 vision.spatial_merge_size, cfg.image_mean, cfg.image_std)
         with torch.no_grad():
-            features = self.model.get_image_features(pixel_values.to(self.model.visual.dtype), grid_thw.to(self.device))
-        prediction = self.token_sr(features.pooler_output[0].mean(0, keepdim=True).to(dtype))
+            pooled = self._encode_crops(blank)
+        prediction = self.token_sr(pooled.to(dtype))
         return prediction.float().sum() * 0.0
 
     def _recon_loss(self, run: _LatentRun, crop_images, dtype) -> torch.Tensor | None:
@@ -950,7 +981,7 @@ class VedasMixin:
         if embeds is inputs_embeds:  # the caller's tensor: the steps may write into the embeddings in place
             embeds = embeds.clone()
         visual = visual_tokens(is_image=(input_ids == cfg.image_token_id) & mask.bool(),
-                               image_grid_thw=image_grid_thw, merge_size=cfg.vision_config.spatial_merge_size)
+                               image_grid_thw=image_grid_thw, merge_size=cfg.visual_merge_size)
         self._warn_replay_shortage(visual=visual, num_replay=num_replay, slots=layout.slots, layout=layout)
         # labels too: a row without a latent block (stage 0 in a mixed batch) ends its prompt where supervision starts
         prompt_mask = self._prompt_mask(input_ids=input_ids, labels=labels, token_valid=mask.bool())
@@ -1002,7 +1033,7 @@ class VedasMixin:
         if run.replay_on and step < run.layout.num_steps:
             state.saliency_columns, state.saliency_valid = run.visual.columns, run.visual.valid
         record = run.cache is not None or step == run.layout.num_steps  # without a cache the last pass has it all
-        outputs = self.model.language_model(
+        outputs = self._run_text_model(
             inputs_embeds=run.embeds[:, chunk], attention_mask=run.mask[:, :end],
             position_ids=run.positions[:, :, chunk], use_cache=run.cache is not None, vedas_state=state,
             output_attentions=output_attentions and record, output_hidden_states=output_hidden_states and record,
@@ -1088,7 +1119,7 @@ class VedasMixin:
                        output_latent_trace) -> VedasCausalLMOutput:
         """Logits `(batch, l, vocab)` from the joined passes, L = CE + λ · L_recon, and the recorded states."""
         cfg = self.config
-        logits = self.lm_head(hidden)
+        logits = self._lm_logits(hidden)
         ce_loss = recon_loss = loss = None
         if labels is not None:
             ce_loss = self.loss_function(logits=logits, labels=labels, vocab_size=cfg.text_config.vocab_size)
@@ -1382,7 +1413,8 @@ class VedasMixin:
             )
             trace, positions, mask = phase.latent_trace, phase.position_ids, phase.attention_mask
             # the answer continues the text position counter after the last latent; keep rope_deltas consistent
-            self.model.rope_deltas = positions[0, :, -1:] - mask.sum(-1, keepdim=True) + 1
+            if hasattr(self.model, "rope_deltas"):  # M-RoPE backbones offset the answer's positions by it
+                self.model.rope_deltas = positions[0, :, -1:] - mask.sum(-1, keepdim=True) + 1
             # the images are in the cache; the HF loop expands the cache for beams (_expand_inputs_for_generation)
             kwargs.update(pixel_values=None, image_grid_thw=None)
             outputs = self._hf_generate(input_ids=full_ids, attention_mask=mask, position_ids=positions,

@@ -424,7 +424,7 @@ class VedasDecoderLayerMixin:
             first = torch.ones_like(sel_segments, dtype=torch.bool)
             first[:, 1:] = sel_segments[:, 1:] != sel_segments[:, :-1]
             positions = start[:, None] + rank - torch.where(first, rank, 0).cummax(-1).values
-            cos, sin = state.rotary_emb(h_sel, positions[None].expand(3, -1, -1))
+            cos, sin = state.rotary_emb(h_sel, self._rope_position_ids(positions))
         else:
             cos, sin = (t.gather(1, index.expand(-1, -1, t.shape[-1])) for t in position_embeddings)
         if cache is not None:
@@ -449,6 +449,12 @@ class VedasDecoderLayerMixin:
         state.attention_calls.append(False)
         return super().forward(h_sel, attention_mask=mask, use_cache=True, **{CACHE_ARG: kv},
                                position_embeddings=(cos, sin))
+
+    @staticmethod
+    def _rope_position_ids(positions: torch.Tensor) -> torch.Tensor:
+        """Text positions `(batch, w)` as the backbone's rotary embedding takes them: M-RoPE's (t, h, w) rows, all
+        equal for routed tokens, `(3, batch, w)`. A backbone with 1-D RoPE overrides this."""
+        return positions[None].expand(3, -1, -1)
 
     def _depth_residual(self, hidden_states, routed, depth: int):
         """The output of depth step d when nothing else is added: h itself (`"gated"`, whose update is added in

@@ -73,7 +73,7 @@ class ModelArguments:
                                         "built from scratch (the embedded default)."}
     )
     backbone: str = field(default="qwen2_vl",
-                          metadata={"help": "Tiny base backbone: qwen2_vl, qwen2_5_vl or qwen3_vl."})
+                          metadata={"help": "Tiny base backbone: qwen2_vl, qwen2_5_vl, qwen3_vl or chameleon."})
     vedas_overrides: str = field(default="{}", metadata={"help": "JSON dict of VedasConfig fields to set."})
     num_replay_tokens: int | None = field(default=None, metadata={"help": "K (default: 4 embedded, 32 otherwise)."})
     recon_weight: float | None = field(default=None, metadata={"help": "λ, the self-distillation weight."})

@@ -212,10 +212,10 @@ def test_the_package_exports_every_backbone_lazily():
     """`vedas.<name>` gives each backbone's config and model class (and the cache), imported on first access: the
     names of `__all__` are the classes of the remote-code modules."""
     import vedas
-    from vedas import configuration_vedas, modeling_vedas, routing_vedas
+    from vedas import chameleon_vedas, configuration_vedas, modeling_vedas, routing_vedas
 
     modules = {"configuration_vedas": configuration_vedas, "modeling_vedas": modeling_vedas,
-               "routing_vedas": routing_vedas}
+               "routing_vedas": routing_vedas, "chameleon_vedas": chameleon_vedas}
     for name in ("Vedas3Config", "Vedas3ForConditionalGeneration", "Vedas25Config", "VedasCache"):
         assert name in vedas.__all__
     for name, module in vedas._EXPORTS.items():

@@ -1,4 +1,5 @@
-"""Vedas checkpoints: convert a Qwen2-VL / Qwen2.5-VL / Qwen3-VL base, and save a complete Hub-ready folder.
+"""Vedas checkpoints: convert a Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Chameleon base, and save a complete Hub-ready
+folder.
 
 A Vedas checkpoint folder holds `config.json` (with an `auto_map` for AutoConfig, AutoModel and
 AutoModelForImageTextToText), the remote-code files, `model.safetensors`, the processor and tokenizer files, and a
@@ -21,12 +22,14 @@ from jinja2 import Template
 from safetensors import SafetensorError
 from transformers import (
     AutoProcessor,
+    ChameleonForConditionalGeneration,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
     Qwen3VLForConditionalGeneration,
 )
 
 import vedas
+from vedas.chameleon_vedas import VedasChameleonConfig, VedasChameleonForConditionalGeneration
 from vedas.configuration_vedas import SPECIAL_TOKENS, Vedas3Config, Vedas25Config, VedasConfig, VedasSettings
 from vedas.modeling_vedas import (
     VEDAS_MODULES,
@@ -44,12 +47,17 @@ logger = logging.getLogger(__name__)
 
 PACKAGE_DIR = Path(vedas.__file__).resolve().parent
 REMOTE_CODE_FILES = ("configuration_vedas.py", "modeling_vedas.py", "routing_vedas.py", "replay_vedas.py")
+# Vedas model_type -> the file of differences of a backbone whose classes live outside the shared files; a checkpoint
+# of that backbone carries it too (and only such a checkpoint: every remote-code file a checkpoint holds is run)
+BACKBONE_CODE_FILES = {"vedas_chameleon": ("chameleon_vedas.py",)}
+ALL_REMOTE_CODE_FILES = REMOTE_CODE_FILES + tuple(name for files in BACKBONE_CODE_FILES.values() for name in files)
 MODEL_CARD_TEMPLATE = PACKAGE_DIR / "MODEL_CARD.md"
 # base model_type -> (base class, Vedas config class, Vedas model class)
 BACKBONES = {
     "qwen2_vl": (Qwen2VLForConditionalGeneration, VedasConfig, VedasForConditionalGeneration),
     "qwen2_5_vl": (Qwen2_5_VLForConditionalGeneration, Vedas25Config, Vedas25ForConditionalGeneration),
     "qwen3_vl": (Qwen3VLForConditionalGeneration, Vedas3Config, Vedas3ForConditionalGeneration),
+    "chameleon": (ChameleonForConditionalGeneration, VedasChameleonConfig, VedasChameleonForConditionalGeneration),
 }
 # Vedas model_type -> (config class, model class)
 VEDAS_MODEL_TYPES = {config_class.model_type: (config_class, model_class) for _, config_class, model_class
@@ -72,13 +80,16 @@ class CheckpointError(ValueError):
     """A checkpoint folder is missing, incomplete, corrupt or of the wrong kind."""
 
 
+def remote_code_files(model_type: str | None) -> tuple[str, ...]:
+    """The remote-code files a checkpoint of Vedas `model_type` carries: the shared ones and its backbone's own."""
+    return REMOTE_CODE_FILES + BACKBONE_CODE_FILES.get(model_type, ())
+
+
 def auto_map(model) -> dict[str, str]:
-    config_name, model_name = type(model.config).__name__, type(model).__name__
-    return {
-        "AutoConfig": f"configuration_vedas.{config_name}",
-        "AutoModel": f"modeling_vedas.{model_name}",
-        "AutoModelForImageTextToText": f"modeling_vedas.{model_name}",
-    }
+    # module.Class, the module being the remote-code file that defines the class (chameleon_vedas for Chameleon)
+    config_name, model_name = (f"{type(obj).__module__.rpartition('.')[2]}.{type(obj).__name__}"
+                               for obj in (model.config, model))
+    return {"AutoConfig": config_name, "AutoModel": model_name, "AutoModelForImageTextToText": model_name}
 
 
 def render_model_card(context: dict | None = None) -> str:
@@ -133,7 +144,7 @@ def _write_checkpoint(model, processor, folder: Path, card_context: dict | None)
         model.generation_config.max_new_tokens = ANSWER_MAX_NEW_TOKENS
     model.save_pretrained(folder, safe_serialization=True)
     processor.save_pretrained(folder)
-    for name in REMOTE_CODE_FILES:
+    for name in remote_code_files(model.config.model_type):
         shutil.copy2(PACKAGE_DIR / name, folder / name)
     context = {"backbone": model.config.model_type, **(card_context or {})}
     context["base_model"], note = card_base_model(context.get("base_model"))
@@ -337,12 +348,12 @@ def _check_config_against_weights(folder: Path, config: dict) -> None:
 
 
 def _read_base_config(base_dir: Path) -> dict:
-    config = _read_config(base_dir, "Qwen2-VL/Qwen2.5-VL/Qwen3-VL checkpoint")
+    config = _read_config(base_dir, "Qwen2-VL/Qwen2.5-VL/Qwen3-VL/Chameleon checkpoint")
     model_type = config.get("model_type")
     if model_type not in BACKBONES:
         raise CheckpointError(
             f"{str(base_dir)!r} has model_type={model_type!r}; Vedas converts only Qwen2-VL ('qwen2_vl'), "
-            f"Qwen2.5-VL ('qwen2_5_vl') and Qwen3-VL ('qwen3_vl') checkpoints."
+            f"Qwen2.5-VL ('qwen2_5_vl'), Qwen3-VL ('qwen3_vl') and Chameleon ('chameleon') checkpoints."
         )
     return config
 
@@ -525,7 +536,7 @@ def _init_new_modules(model, dtype, device):
     """Storage and initial values for the modules a base checkpoint lacks (see `_vedas_from_base`), each
     initialised by the `_init_weights` of the model that owns it, as `initialize_weights` does on a new model:
     the text model's for the routing layers' modules, the Vedas model's (which also sets e(d)) for the rest."""
-    text_model = model.model.language_model
+    text_model = model._text_model
     owned_by_text = {id(m) for m in text_model.modules()}
     with torch.no_grad():
         for name, module in list(model.named_modules()):
@@ -540,7 +551,8 @@ def _init_new_modules(model, dtype, device):
 
 
 def convert_base(base_dir, out_dir, overrides: dict | None = None, overwrite: bool = False, card_context=None):
-    """Turn a base Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoint into a Vedas checkpoint folder. Returns `(model, processor)`.
+    """Turn a base Qwen2-VL / Qwen2.5-VL / Qwen3-VL / Chameleon checkpoint into a Vedas checkpoint folder. Returns
+    `(model, processor)`.
 
     `base_dir` is a local folder or a Hub model id (resolved through the local HF cache, downloading it when
     online: :func:`vedas_trainer.hub.resolve_model_folder`). `overrides` sets any `VedasConfig` field (e.g.
@@ -646,11 +658,12 @@ def load_vedas(folder, **overrides):
     if model_type not in VEDAS_MODEL_TYPES:
         raise CheckpointError(
             f"{str(folder / 'config.json')!r} has model_type={model_type!r}; a Vedas checkpoint has one of "
-            f"{sorted(VEDAS_MODEL_TYPES)} (convert a Qwen2-VL/Qwen2.5-VL/Qwen3-VL base with examples/convert_base.py)."
+            f"{sorted(VEDAS_MODEL_TYPES)} (convert a Qwen2-VL/Qwen2.5-VL/Qwen3-VL/Chameleon base with "
+            f"examples/convert_base.py)."
         )
     config_class, model_class = VEDAS_MODEL_TYPES[model_type]
     _check_weights(folder, config_dict)
-    missing_code = [name for name in REMOTE_CODE_FILES if not (folder / name).is_file()]
+    missing_code = [name for name in remote_code_files(model_type) if not (folder / name).is_file()]
     if missing_code:
         logger.warning(
             "%r lacks the remote-code files %s: loading it with the installed vedas classes, but AutoModel "
@@ -691,6 +704,8 @@ def check_checkpoint_folder(folder) -> list[str]:
         if config.get("model_type") not in VEDAS_MODEL_TYPES:
             missing.append(f"a Vedas model_type in config.json (one of {sorted(VEDAS_MODEL_TYPES)}, "
                            f"found {config.get('model_type')!r})")
+        missing += [name for name in remote_code_files(config.get("model_type")) if not (folder / name).is_file()
+                    and name not in REMOTE_CODE_FILES]  # (the shared files are in `required`)
         auto_map = config.get("auto_map")
         for key in ("AutoConfig", "AutoModel", "AutoModelForImageTextToText"):
             if not isinstance(auto_map, dict) or key not in auto_map:

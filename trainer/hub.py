@@ -23,7 +23,7 @@ from huggingface_hub import HfApi, ModelCard, is_offline_mode, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .checkpoint import REMOTE_CODE_FILES, CheckpointError, check_checkpoint_folder, is_hub_repo_id
+from .checkpoint import ALL_REMOTE_CODE_FILES, CheckpointError, check_checkpoint_folder, is_hub_repo_id
 
 
 logger = logging.getLogger(__name__)
@@ -138,8 +138,8 @@ def _auto_map_target_problem(folder: Path, target, parsed: dict) -> str | None:
         return "points at code in another repository; a Vedas checkpoint runs only the remote code it carries"
     module, _, name = target.rpartition(".")
     file_name = f"{module}.py"
-    if file_name not in REMOTE_CODE_FILES:
-        return f"{file_name} is not one of the checkpoint's remote-code files ({', '.join(REMOTE_CODE_FILES)})"
+    if file_name not in ALL_REMOTE_CODE_FILES:
+        return f"{file_name} is not one of the checkpoint's remote-code files ({', '.join(ALL_REMOTE_CODE_FILES)})"
     if not (folder / file_name).is_file():
         return f"{file_name} is missing"
     if file_name not in parsed:

@@ -181,7 +181,8 @@ def build_chameleon_parts(sizes: TinySizes, seed: int = 0):
         num_key_value_heads=sizes.num_key_value_heads, max_position_embeddings=4096,
         rope_parameters={"rope_type": "default", "rope_theta": sizes.rope_theta},
         vq_config=vq_config, vocabulary_map=dict(tokenizer.get_vocab()), bos_token_id=ids["<|endoftext|>"],
-        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=sizes.tie_word_embeddings,
+        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=sizes.tie_word_embeddings,
     )
     return config, processor
 
