@@ -20,7 +20,7 @@ from vedas_trainer.synthetic import (
     synthetic_vocabulary,
 )
 
-STEP = re.compile(r"^(start|step (\d)) : row (\d) col (\d) , arrow (\w+) , (\w+)(?: , (\w+) is option ([A-Z]))?$")
+STEP = re.compile(r"^(start|step (\d)) : row (\d) col (\d) , (\w+) arrow (\w+)(?: , (\w+) is option ([A-Z]))?$")
 
 
 def _png(image):
@@ -91,13 +91,13 @@ def test_cot_consistent_with_scene_and_answer(splits):
             r, c = int(match.group(3)) - 1, int(match.group(4)) - 1
             # Each step names the cell reached so far, with that cell's colour and direction.
             assert (r, c) == (row, col), step
-            assert [match.group(6), match.group(5)] == scene["cells"][r][c], step
-            d_row, d_col = DIRECTIONS[match.group(5)]
+            assert [match.group(5), match.group(6)] == scene["cells"][r][c], step
+            d_row, d_col = DIRECTIONS[match.group(6)]
             row, col = row + d_row, col + d_col
             assert set(step.split()) <= vocabulary, step
 
         last = STEP.match(sample["steps"][-1])
-        final_colour = last.group(6)
+        final_colour = last.group(5)
         if kwargs["form"] == "mc":
             assert sample["choices"] == kwargs["choices"]
             assert sample["choices"][ord(sample["answer"]) - ord("A")] == final_colour
@@ -215,13 +215,13 @@ def test_cot_step_reading_finds_the_first_wrong_step():
     def with_step(i, text):
         return "\n\n".join(steps[:i] + [text] + steps[i + 1:]) + "\n\nanswer : x"
 
-    # "start : row R col C , arrow DIRECTION , COLOUR[ , COLOUR is option X]"
-    direction, colour = steps[0].split(" , ")[1].split(" ")[1], steps[0].split(" , ")[2]
+    head, tail = steps[0].rsplit(" arrow ", 1)
+    colour = head.rsplit(" ", 1)[1]
     other_colour = "blue" if colour != "blue" else "red"
     cases = {
         "none": "\n\n".join(steps),
-        "read: direction": with_step(0, steps[0].replace(f"arrow {direction}", f"arrow {other_direction(direction)}")),
-        "read: colour": with_step(0, steps[0].replace(f", {colour}", f", {other_colour}", 1)),
+        "read: direction": with_step(0, f"{head} arrow {other_direction(tail.split(' ')[0])}"),
+        "read: colour": with_step(0, steps[0].replace(f", {colour} arrow", f", {other_colour} arrow")),
         "start cell": with_step(0, steps[0].replace("row ", "row 9", 1)),
         "move": with_step(1, steps[1].replace("col ", "col 9", 1)),
         "too few steps": steps[0],

@@ -13,18 +13,12 @@ following ``n_moves`` arrows from the start, either as a short answer (a colour 
 choice (the answer is an option letter). The question text never lists the options: the shared prompt builder
 (:mod:`vedas_trainer.prompting`) appends them from ``choices``, in training and at test time alike.
 
-The rationale names what is seen at every step (row, column, direction, colour): the feasibility
+The rationale names what is seen at every step (row, column, colour, direction): the feasibility
 experiment showed that a CoT naming the colour only at the end is not learned reliably::
 
-    start : row 2 col 3 , arrow up , yellow
-    step 1 : row 1 col 3 , arrow down , red
-    step 2 : row 2 col 3 , arrow up , yellow            (multiple choice adds " , yellow is option B")
-
-The direction comes right after the cell's position and before its colour: a tiny language model finds the cell
-most sharply right after its position is written, and the direction is a faint feature of the cell's visual token
-(about 0.5% of its variance, against 15% for the colour) that survives only that sharp look. Written after the
-colour, directions were read right 64% of the time (CoT 57%); written first, 95% (CoT 75%)
-(docs/reproducibility.md, diagnosis 2).
+    start : row 2 col 3 , yellow arrow up
+    step 1 : row 1 col 3 , red arrow down
+    step 2 : row 2 col 3 , yellow arrow up            (multiple choice adds " , yellow is option B")
 
 With ``n_moves`` moves there are ``n_moves + 1`` steps (the default 2-3 moves gives 3-4 steps, within
 the curriculum's ``max_latent_stage`` of 4). Steps are returned as a list; the collator joins them
@@ -101,7 +95,7 @@ START_BORDER_PX = 3
 # How far a "leading" arrow's tip reaches ahead of its cell centre: distractors on the edge midpoints (radius
 # <= 3) reach 10.5 px from it, so 9 keeps them apart.
 ARROW_REACH = 9
-ARROW_PLACEMENTS = ("leading", "centred")
+ARROW_PLACEMENTS = ("centred", "leading")
 
 # (d_row, d_col) for each direction.
 DIRECTIONS: dict[str, tuple[int, int]] = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
@@ -151,14 +145,14 @@ def _question_text(n_moves: int) -> str:
 
 
 def _step_text(label: str, row: int, col: int, colour: str, direction: str) -> str:
-    return f"{label} : row {row + 1} col {col + 1} , arrow {direction} , {colour}"
+    return f"{label} : row {row + 1} col {col + 1} , {colour} arrow {direction}"
 
 
 # what `_step_text` writes, read back from a generated rationale
-_STEP_PATTERN = re.compile(r"row (\d+) col (\d+) , arrow (\w+) , (\w+)")
+_STEP_PATTERN = re.compile(r"row (\d+) col (\d+) , (\w+) arrow (\w+)")
 
 
-def _triangle(cx: float, cy: float, half: int, direction: str, placement: str = "leading") -> list[tuple[float, float]]:
+def _triangle(cx: float, cy: float, half: int, direction: str, placement: str = "centred") -> list[tuple[float, float]]:
     """An isosceles triangle pointing in ``direction`` with a base ``2 * half`` px wide.
 
     ``"centred"``: centred on the cell centre (cx, cy), inside a 2*half box; its four quarters fall in the four
@@ -267,7 +261,7 @@ def make_sample(
     arrow_sizes: Sequence[int] = (6, 7, 8),
     style: str = "tiles",
     coordinate_tints: bool = False,
-    arrow_placement: str = "leading",
+    arrow_placement: str = "centred",
     sample_id: str | None = None,
 ) -> dict[str, Any]:
     """Draw one sample of the "follow the arrows" task. The defaults are the embedded default run's task.
@@ -286,8 +280,8 @@ def make_sample(
             colours several times faster) or ``"arrows"`` (a small coloured arrow on a pale cell).
         coordinate_tints: tint each cell's pale part (background or arrow) by its (row, column)
             (:func:`cell_tint`), so that a cell named in the text can be found by its content.
-        arrow_placement: ``"leading"`` (the arrow fills the half of the cell it points to) or ``"centred"`` (the
-            arrow is centred on the cell, the task before docs/reproducibility.md's diagnosis 3); see
+        arrow_placement: ``"centred"`` (the arrow is centred on the cell) or ``"leading"`` (it fills the half of
+            the cell it points to; measured in docs/reproducibility.md, diagnosis 2: no better read); see
             :func:`_triangle`.
         sample_id: the ``id`` field; defaults to one derived from the seed when it is an int/str.
 
@@ -649,7 +643,7 @@ def cot_step_reading(samples: Sequence[Mapping], texts: Sequence[str]) -> dict:
     first = {}
     for sample, text in zip(samples, texts):
         cells, path = sample["scene"]["cells"], sample["scene"]["path"]
-        steps = [(int(r) - 1, int(c) - 1, colour, d) for r, c, d, colour in _STEP_PATTERN.findall(text)]
+        steps = [(int(r) - 1, int(c) - 1, colour, d) for r, c, colour, d in _STEP_PATTERN.findall(text)]
         for row, col, colour, direction in steps[: len(path)]:
             if 0 <= row < len(cells) and 0 <= col < len(cells):
                 reads["colour"][0] += colour == cells[row][col][0]
