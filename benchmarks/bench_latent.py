@@ -268,7 +268,7 @@ def saliency_memory(vedas_off, eager, base, inputs):
 @contextlib.contextmanager
 def timed_methods(targets, totals):
     """Temporarily wrap `(owner class, method name)` pairs so that their wall time adds up in `totals[name]`;
-    `_route` calls that ran a second pass (some token selected) are also counted."""
+    `_second_pass` calls (a routing layer that selected some token) are also counted."""
     saved = []
     for owner, name in targets:
         original = owner.__dict__[name]
@@ -277,11 +277,8 @@ def timed_methods(targets, totals):
             start = time.perf_counter()
             result = __original(*args, **kwargs)
             totals[__name] = totals.get(__name, 0.0) + (time.perf_counter() - start) * 1000
-            if __name == "_route":
-                layer, depth, state = args[0].layer_idx, args[2], args[-1] if len(args) > 5 else kwargs.get("state")
-                stats = getattr(state, "router_stats", {}).get((layer, depth), {})
-                if float(stats.get("selected", 0)) > 0:
-                    totals["second passes"] = totals.get("second passes", 0) + 1
+            if __name == "_second_pass":  # generate records no router statistics: count the calls instead
+                totals["second passes"] = totals.get("second passes", 0) + 1
             return result
 
         setattr(owner, name, wrapper)
@@ -337,7 +334,7 @@ def profile_latent(vedas, base, inputs, runs=3, top=12):
 
     targets = [(VedasMixin, "_latent_forward"), (GenerationMixin, "generate"),
                (VedasDecoderLayerMixin, "_add_saliency"), (VedasDecoderLayerMixin, "_route"),
-               (VedasMixin, "_embed")]
+               (VedasDecoderLayerMixin, "_second_pass"), (VedasMixin, "_embed")]
     ours, ideal = [], []
     latent()
     for _ in range(runs):
