@@ -276,6 +276,8 @@ def test_make_tiny_base_and_convert_base_command_lines(folders, tmp_path):
     config = json.loads((tmp_path / "vedas" / "config.json").read_text())
     assert (config["model_type"], config["crop_resolution"]) == ("vedas_chameleon", 24)
     assert config["auto_map"]["AutoModel"] == "chameleon_vedas.VedasChameleonForConditionalGeneration"
+    (tmp_path / "vedas" / "chameleon_vedas.py").unlink()  # the backbone's own file is required like the shared ones
+    assert check_checkpoint_folder(tmp_path / "vedas") == ["chameleon_vedas.py"]
     assert config["auto_map"]["AutoConfig"] == "chameleon_vedas.VedasChameleonConfig"
 
 

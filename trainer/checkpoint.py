@@ -704,8 +704,9 @@ def check_checkpoint_folder(folder) -> list[str]:
         if config.get("model_type") not in VEDAS_MODEL_TYPES:
             missing.append(f"a Vedas model_type in config.json (one of {sorted(VEDAS_MODEL_TYPES)}, "
                            f"found {config.get('model_type')!r})")
-        missing += [name for name in remote_code_files(config.get("model_type")) if not (folder / name).is_file()
-                    and name not in REMOTE_CODE_FILES]  # (the shared files are in `required`)
+        # the backbone's own file of differences (the shared files are in `required`)
+        missing += [name for name in BACKBONE_CODE_FILES.get(config.get("model_type"), ())
+                    if not (folder / name).is_file()]
         auto_map = config.get("auto_map")
         for key in ("AutoConfig", "AutoModel", "AutoModelForImageTextToText"):
             if not isinstance(auto_map, dict) or key not in auto_map:
