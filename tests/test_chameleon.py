@@ -9,7 +9,6 @@ re-encoded through the VQ encoder and the embedding), remote code in a fresh pro
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +20,6 @@ from vedas_trainer.testing import child_env
 from vedas_trainer.tiny_base import build_tiny_base, chameleon_code_token
 
 
-REPO = Path(__file__).resolve().parents[1]
 # small K and α as for the other backbones; the crop side is 4 VQ cells of 4 pixels
 OVERRIDES = {"num_replay_tokens": 4, "routing_topk": 6, "crop_resolution": 16, "num_latent_steps": 2}
 QUESTIONS = ["what colour is the arrow in the last cell ?", "which ?"]
@@ -336,20 +334,10 @@ def test_remote_code_loads_and_generates_in_a_fresh_process(folders, tmp_path):
 def test_quick_run_under_accelerate(tmp_path):
     """`accelerate launch examples/train.py --quick --backbone chameleon`: it trains across the curriculum with
     L_recon on crops re-encoded by the VQ encoder and writes a complete checkpoint."""
-    out = tmp_path / "run"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", REPO / "examples" /
-               "train.py", "--quick", "--backbone", "chameleon", "--n_train", "32", "--evaluate_after", "false",
-               "--output_dir", out, "--report_to", "none"]
-    result = subprocess.run([str(c) for c in command], cwd=REPO, env=child_env(tmp_path), capture_output=True,
-                            text=True, timeout=600)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    report = json.loads((out / "report.json").read_text())
-    assert report["backbone"] == "chameleon" and report["curriculum_complete"]
-    assert check_checkpoint_folder(out / "checkpoint-final") == []
-    config = json.loads((out / "checkpoint-final" / "config.json").read_text())
+    from test_qwen3_vl import quick_run_under_accelerate
+
+    config = quick_run_under_accelerate(tmp_path, "chameleon")
     assert (config["model_type"], config["crop_resolution"]) == ("vedas_chameleon", 8)
-    state = json.loads(sorted(out.glob("checkpoint-*/trainer_state.json"))[-1].read_text())
-    assert any(entry.get("recon_loss") for entry in state["log_history"])
 
 
 PIPELINE_SCRIPT = """

@@ -165,23 +165,28 @@ def test_train_checks_overrides_against_the_backbone_config():
         train.check_model_arguments(train.ModelArguments(backbone="qwen4_vl"))
 
 
-def test_quick_run_under_accelerate(tmp_path):
-    """`accelerate launch examples/train.py --quick --backbone qwen3_vl` (32 samples, no final evaluation): it trains
-    across the curriculum with L_recon on crops of 64 pixels and writes a complete checkpoint."""
+def quick_run_under_accelerate(tmp_path, backbone: str) -> dict:
+    """Run `accelerate launch examples/train.py --quick --backbone BACKBONE` (32 samples, no final evaluation), check
+    that it trained across the curriculum with L_recon and wrote a complete checkpoint; return that config."""
     out = tmp_path / "run"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", REPO / "examples" /
-               "train.py", "--quick", "--backbone", "qwen3_vl", "--n_train", "32", "--evaluate_after", "false",
+               "train.py", "--quick", "--backbone", backbone, "--n_train", "32", "--evaluate_after", "false",
                "--output_dir", out, "--report_to", "none"]
     result = subprocess.run([str(c) for c in command], cwd=REPO, env=child_env(tmp_path), capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
     report = json.loads((out / "report.json").read_text())
-    assert report["backbone"] == "qwen3_vl" and report["curriculum_complete"]
+    assert report["backbone"] == backbone and report["curriculum_complete"]
     assert check_checkpoint_folder(out / "checkpoint-final") == []
-    config = json.loads((out / "checkpoint-final" / "config.json").read_text())
-    assert (config["model_type"], config["crop_resolution"]) == ("vedas_3", 64)
     state = json.loads(sorted(out.glob("checkpoint-*/trainer_state.json"))[-1].read_text())
     assert any(entry.get("recon_loss") for entry in state["log_history"])
+    return json.loads((out / "checkpoint-final" / "config.json").read_text())
+
+
+def test_quick_run_under_accelerate(tmp_path):
+    """The quick run on Qwen3-VL, with L_recon on crops of 64 pixels."""
+    config = quick_run_under_accelerate(tmp_path, "qwen3_vl")
+    assert (config["model_type"], config["crop_resolution"]) == ("vedas_3", 64)
 
 
 PIPELINE_SCRIPT = """
