@@ -34,13 +34,26 @@ _PLACES = (str(REPO), "transformers/models/", "transformers/integrations/", "tra
            "transformers/generation/", "transformers/cache_utils")
 
 
+_COUNTED = {}  # co_filename -> whether its frames are call sites
+
+
+def _counted(path: str) -> bool:
+    """Whether frames of `path` are call sites. The path is resolved (once per file), so that the package imported
+    through a symlink to this checkout (`vedas` -> the repository root) still counts as this repository."""
+    counted = _COUNTED.get(path)
+    if counted is None:
+        resolved = str(Path(path).resolve()) if path and not path.startswith("<") else path
+        counted = _COUNTED[path] = not path.endswith("census.py") and any(
+            place in candidate for place in _PLACES for candidate in (path, resolved))
+    return counted
+
+
 def call_site() -> str:
     """`file:function` of the innermost frame in this repository or in transformers' model and generation code."""
     frame = sys._getframe(2)
     while frame is not None:
-        path = frame.f_code.co_filename
-        if any(place in path for place in _PLACES) and not path.endswith("census.py"):
-            return f"{Path(path).name}:{frame.f_code.co_name}"
+        if _counted(frame.f_code.co_filename):
+            return f"{Path(frame.f_code.co_filename).name}:{frame.f_code.co_name}"
         frame = frame.f_back
     return "(other)"
 
