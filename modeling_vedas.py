@@ -1079,7 +1079,7 @@ class VedasMixin:
         """B(t) from the pass's saliency: the top-K unvisited visual tokens weighted by softmax(a[S]) (`select_replay`),
         summed into one token with `replay_mode="soft_mix"`; marks them visited for the rows that have this step."""
         cfg = self.config
-        saliency = state.saliency_sum / max(state.saliency_layers, 1)
+        saliency = state.visual_saliency()
         selection = select_replay(saliency=saliency, candidate_mask=run.visual.valid, visited=run.visited,
                                   k=run.num_replay, rescale=cfg.replay_scale == "rescaled")
         run.visited = torch.where(rows[:, None], selection.visited, run.visited)

@@ -112,7 +112,8 @@ class VedasForwardState:
             α given as a fraction.
         key_valid (`(batch, n)` bool): keys the main attention may see (for the saliency row).
         saliency_columns (`(batch, v)` long, optional): key columns of the visual tokens. When set, every layer
-            adds the attention of the last query over these columns (averaged over heads) to `saliency_sum`.
+            adds the attention row of the last query (averaged over heads) to `key_saliency`; `visual_saliency()`
+            reads its mean over the layers at these columns (real where `saliency_valid`).
         rotary_emb (`nn.Module`): the text model's rotary embedding (for `"rearranged"` second-pass positions).
         record_scores (`bool`): keep the full router scores per layer (for traces and plots).
         record_stats (`bool`): keep the router statistics per layer (`router_stats`, for the training logs);
@@ -133,26 +134,39 @@ class VedasForwardState:
     routing_mode: str = "causal"
     record_scores: bool = False
     record_stats: bool = True
-    saliency_sum: torch.Tensor | None = None
+    key_saliency: torch.Tensor | None = None  # (batch, n) float32: the layers' rows summed over every key column
     saliency_layers: int = 0
     router_stats: dict = field(default_factory=dict)
     router_scores: dict = field(default_factory=dict)
     segments: torch.Tensor | None = None
     attention_calls: list = field(default_factory=list)
-    _negated: dict = field(default_factory=dict, init=False, repr=False)  # `replace` starts an empty one
+    _per_forward: dict = field(default_factory=dict, init=False, repr=False)  # `replace` starts an empty one
 
     def key_invalid(self, length: int) -> torch.Tensor:
-        """`~key_valid[:, :length]`, computed once per forward instead of once per layer."""
-        if ("keys", length) not in self._negated:
-            self._negated[("keys", length)] = ~self.key_valid[:, :length]
-        return self._negated[("keys", length)]
+        """`~key_valid[:, None, :length]` `(batch, 1, length)`, computed once per forward instead of once per layer."""
+        if ("keys", length) not in self._per_forward:
+            self._per_forward[("keys", length)] = ~self.key_valid[:, None, :length]
+        return self._per_forward[("keys", length)]
 
-    @property
-    def saliency_invalid(self) -> torch.Tensor:
-        """`~saliency_valid`, computed once per forward instead of once per layer."""
-        if "saliency" not in self._negated:
-            self._negated["saliency"] = ~self.saliency_valid
-        return self._negated["saliency"]
+    def last_rotary(self, position_embeddings: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(cos, sin)` of the last position `(batch, 1, head_dim)`, for `_rotate_last`, once per forward (the text
+        model hands every layer the same position embeddings). `sin`'s first half is negated, so that the rotation
+        of the last query needs no `rotate_half` (which slices, negates and concatenates) at every layer."""
+        cos, sin = position_embeddings
+        cached = self._per_forward.get("rotary")
+        if cached is None or cached[0] is not cos:
+            half = sin.shape[-1] // 2
+            last_sin = sin[:, -1:]
+            signed = torch.cat([-last_sin[..., :half], last_sin[..., half:]], dim=-1)
+            cached = self._per_forward["rotary"] = (cos, cos[:, -1:], signed)
+        return cached[1], cached[2]
+
+    def visual_saliency(self) -> torch.Tensor:
+        """a(t): the saliency of the visual tokens `(batch, v)` float32, the layers' rows averaged at
+        `saliency_columns`, 0 where not `saliency_valid`. The rows are summed over all key columns and gathered once
+        here rather than at every layer (the same additions per column, so the same numbers)."""
+        row = self.key_saliency.gather(1, self.saliency_columns).masked_fill(~self.saliency_valid, 0.0)
+        return row / max(self.saliency_layers, 1)
 
 
 def _top_alpha(scores: torch.Tensor, mask: torch.Tensor, k: torch.Tensor,
@@ -294,37 +308,50 @@ class VedasDecoderLayerMixin:
 
     # ---------------------------------------------------------------- saliency
     def _add_saliency(self, hidden_states, position_embeddings, past_key_values, state: VedasForwardState):
-        """Attention of the last query over the visual key columns, averaged over heads; added to the state.
+        """Attention of the last query over all keys `(batch, n)`, averaged over heads; added to the state.
 
         Only one attention row is computed (from q·k, so it carries gradient); no attention map is materialised.
         """
         attn = self.self_attn
-        query = self._heads(attn.q_proj, getattr(attn, "q_norm", None), hidden_states[:, -1:])  # (b, heads, 1, d)
-        cos, sin = (t[:, -1:] for t in position_embeddings)
         if past_key_values is not None and len(past_key_values.layers) > self.layer_idx:
             keys = past_key_values.layers[self.layer_idx].keys  # (b, kv_heads, n, d), rotary already applied
         else:  # no cache (e.g. under gradient checkpointing): the keys of this forward are all the keys
             keys = self._heads(attn.k_proj, getattr(attn, "k_norm", None), hidden_states)
             keys = _rotate(keys, *position_embeddings)
-        query = _rotate(query, cos, sin)
-        # the query heads grouped by their key-value head, (b, kv_heads, groups, d) @ (b, kv_heads, d, n), rather
-        # than the keys repeated per query head: no (b, heads, n, d) copy of the cache at every layer and step
-        batch, kv_heads, length = keys.shape[:3]
-        query = query.reshape(batch, kv_heads, attn.num_key_value_groups, -1)
+        query = self._last_query(hidden_states, state.last_rotary(position_embeddings))  # (b * kv_heads, groups, d)
+        batch, kv_heads, length, head_dim = keys.shape
         # q·k and the softmax in fp32 even under autocast (which would run the matmul in bf16/fp16): over thousands
         # of keys the row's probabilities are ~1e-4 each, and their differences decide which tokens are replayed
         with fp32_region(hidden_states.device):
-            logits = (query.float() @ keys.float().transpose(-1, -2)).reshape(batch, -1, length) * attn.scaling
-            logits = logits.masked_fill(state.key_invalid(length)[:, None], float("-inf"))  # (b, heads, n)
+            # the query heads grouped by their key-value head, one bmm (b * kv_heads, groups, d) @ (.., d, n): no
+            # (b, heads, n, d) copy of the cache at every layer and step
+            keys = keys.float().reshape(batch * kv_heads, length, head_dim).transpose(1, 2)
+            logits = torch.bmm(query.float(), keys).view(batch, -1, length) * attn.scaling
+            logits = logits.masked_fill(state.key_invalid(length), float("-inf"))  # (b, heads, n)
             row = logits.softmax(-1).mean(1)  # (b, n)
-        row = row.gather(1, state.saliency_columns).masked_fill(state.saliency_invalid, 0.0)
-        state.saliency_sum = row if state.saliency_sum is None else state.saliency_sum + row
+        state.key_saliency = row if state.key_saliency is None else state.key_saliency + row
         state.saliency_layers += 1
 
+    def _last_query(self, hidden_states, rotary: tuple) -> torch.Tensor:
+        """The last query of the layer input `(batch, l, hidden)`, rotated (`rotary`: `VedasForwardState.last_rotary`)
+        and grouped by key-value head: `(batch * kv_heads, groups, head_dim)`. As the backbone's attention computes
+        it, for one token: 2-D, `(batch, heads, head_dim)`, so that no per-layer view or transpose adds a token axis."""
+        attn = self.self_attn
+        query = attn.q_proj(self.input_layernorm(hidden_states[:, -1]))
+        query = query.view(query.shape[0], -1, attn.head_dim)
+        q_norm = getattr(attn, "q_norm", None)
+        if q_norm is not None:
+            query = q_norm(query)
+        cos, signed_sin = rotary
+        # x * cos + rotate_half(x) * sin, with rotate_half(x) * sin = roll(x) * signed_sin to the bit (a product's
+        # sign flips exactly)
+        query = query * cos + query.roll(attn.head_dim // 2, -1) * signed_sin
+        return query.view(-1, attn.num_key_value_groups, attn.head_dim)
+
     def _heads(self, projection, head_norm, hidden_states):
-        """Queries or keys `(batch, heads, l, head_dim)` of the layer input `(batch, l, hidden)`, before the rotary
-        embedding, as the backbone's attention computes them: Qwen3-VL normalises each head (`q_norm`, `k_norm`,
-        an RMSNorm over head_dim) between the projection and the rotation; Qwen2-VL / Qwen2.5-VL have no such norm."""
+        """Keys `(batch, kv_heads, l, head_dim)` of the layer input `(batch, l, hidden)`, before the rotary embedding,
+        as the backbone's attention computes them: Qwen3-VL normalises each head (`k_norm`, an RMSNorm over
+        head_dim) between the projection and the rotation; Qwen2-VL / Qwen2.5-VL have no such norm."""
         states = projection(self.input_layernorm(hidden_states))
         states = states.view(*states.shape[:2], -1, self.self_attn.head_dim)
         if head_norm is not None:

@@ -235,7 +235,7 @@ def saliency_memory(vedas_off, eager, base, inputs):
         model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
                                    past_key_values=VedasCache(config=model.config.text_config), use_cache=True,
                                    vedas_state=state)
-        return state.saliency_sum
+        return state.key_saliency
 
     def theirs(lm, attentions):
         out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False,
