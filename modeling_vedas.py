@@ -126,6 +126,7 @@ class _LatentLayout:
     steps: torch.Tensor  # (batch,) latent steps of each row
     num_steps: int  # max over rows
     block: LatentBlock  # R replay slots then the latent, per step
+    min_steps: int = 0  # min over rows: every row has steps 1..min_steps
 
     @property
     def slots(self) -> int:
@@ -136,9 +137,18 @@ class _LatentLayout:
         """The R replay slots of step `step` (1-based): they follow z(step - 1), or the marker for step 1."""
         return [self.start + offset for offset in self.block.replay_offsets(step)]
 
+    def replay_span(self, step: int) -> slice:
+        """`replay_columns(step)` as a slice (they are contiguous), so that writes into them are views."""
+        first = self.start + self.block.step_first(step)
+        return slice(first, first + self.slots)
+
     def latent_column(self, step: int) -> int:
         """The column of z(step) (1-based), right after its replay slots."""
         return self.start + self.block.latent_offset(step)
+
+    def rows_with_step(self, step: int) -> torch.Tensor | None:
+        """`(batch,)` bool: the rows that have step `step`; None when all do (no row to keep unchanged)."""
+        return None if step <= self.min_steps else self.steps >= step
 
     def end_column(self, num_steps):
         """The column of `<|end_latent|>` after `num_steps` steps (an int, or a tensor of per-row counts)."""
@@ -258,21 +268,32 @@ def _check_count(name: str, value, bound: int) -> int:
     return count
 
 
+def _write_rows(target: torch.Tensor, values, rows: torch.Tensor | None):
+    """`target` (a view into the run's tensors) set to `values` (a tensor or a number) in place where `rows`
+    (broadcast to it; None: everywhere)."""
+    if rows is not None:
+        values = torch.where(rows, values, target)
+    if isinstance(values, torch.Tensor):
+        target.copy_(values)
+    else:
+        target.fill_(values)
+
+
 def _write_embeds(run: _LatentRun, rows, writes):
-    """Write `(columns, values (batch, len(columns), hidden))` pairs into `run.embeds` for the `rows` `(batch,)` that
-    have the step. Under autograd out of place: the earlier passes' inputs are views of `run.embeds` that backward
-    may need. Without it (`generate`) in place, touching only those columns: the out-of-place form allocates,
-    zero-fills and selects two more `(batch, l, hidden)` tensors at every step."""
+    """Write `(columns (a slice), values (batch, columns, hidden))` pairs into `run.embeds` for the `rows` `(batch,)`
+    that have the step (None: all). Under autograd out of place: the earlier passes' inputs are views of
+    `run.embeds` that backward may need. Without it (`generate`) in place, touching only those columns: the
+    out-of-place form allocates, zero-fills and selects two more `(batch, l, hidden)` tensors at every step."""
     if not _can_update_in_place(run.embeds):
         fill = torch.zeros(run.mask.shape, dtype=torch.bool, device=run.mask.device)
         new_embeds = torch.zeros_like(run.embeds)
         for columns, values in writes:
-            fill[:, columns] = rows[:, None]
+            fill[:, columns] = True if rows is None else rows[:, None]
             new_embeds[:, columns] = values
         run.embeds = torch.where(fill.unsqueeze(-1), new_embeds, run.embeds)
         return
     for columns, values in writes:
-        run.embeds[:, columns] = torch.where(rows[:, None, None], values, run.embeds[:, columns])
+        _write_rows(run.embeds[:, columns], values, None if rows is None else rows[:, None, None])
 
 
 def _accumulate_router_stats(total: dict, new: dict, passes_before: int):
@@ -792,12 +813,16 @@ class VedasMixin:
         in_block = self._latent_block(input_ids)  # tokens after the block (the answer) are ordinary tokens
         is_start = (input_ids == cfg.start_latent_token_id) & in_block
         steps = ((input_ids == cfg.latent_token_id) & in_block).sum(-1)
-        for row in range(input_ids.shape[0]):
-            if int(is_start[row].sum()) != 1 and int(steps[row]) > 0:
-                raise ValueError(
-                    f"Sample {row} of the batch has {int(steps[row])} <|latent|> slots but "
-                    f"{int(is_start[row].sum())} <|start_latent|> markers (expected exactly one)."
-                )
+        markers = is_start.sum(-1)
+        unmarked = (markers != 1) & (steps > 0)
+        # one host sync for the check and the fewest steps of a row (-1: some row is malformed), not one per row
+        min_steps = int(torch.where(unmarked.any(), -1, steps.min()))
+        if min_steps < 0:
+            row = int(unmarked.int().argmax())
+            raise ValueError(
+                f"Sample {row} of the batch has {int(steps[row])} <|latent|> slots but {int(markers[row])} "
+                f"<|start_latent|> markers (expected exactly one)."
+            )
         compact = (steps > 0) & ~((input_ids == cfg.replay_token_id) & in_block).any(-1)
         if slots > 0 and bool(compact.any()):
             row = int(compact.int().argmax())
@@ -814,7 +839,7 @@ class VedasMixin:
                 f"prompts so that the latent block starts in the same column (the Vedas collator does this)."
             )
         layout = _LatentLayout(start=int(start_columns), steps=steps, num_steps=int(steps.max()),
-                               block=cfg.latent_block(num_replay))
+                               block=cfg.latent_block(num_replay), min_steps=min_steps)
         self._check_block_tokens(input_ids, layout, has_start, num_replay)
         return layout
 
@@ -1048,25 +1073,25 @@ class VedasMixin:
         """Latent step t: writes z(t) = `last_hidden` `(batch, hidden)` into its column and B(t) into its R replay
         slots (positions and attention mask too), for the rows that have step t. Returns the step's trace."""
         layout, batch = run.layout, run.mask.shape[0]
-        rows = layout.steps >= t  # rows that have this step
-        writes = [([layout.latent_column(t)], last_hidden[:, None])]
+        rows = layout.rows_with_step(t)  # None: every row has this step
+        by_row = None if rows is None else rows[:, None]  # broadcasts over (batch, R) and (3, batch, R)
+        latent = layout.latent_column(t)
+        writes = [(slice(latent, latent + 1), last_hidden[:, None])]
         trace = {"router_scores": state.router_scores}
-        columns = list(layout.replay_columns(t))
+        columns = layout.replay_span(t)  # slices: the writes below are views, not index tensors built per step
         if run.replay_on:
             replay = self._replay_tokens(run, rows=rows, state=state)
             writes.append((columns, replay.tokens))
             if self.config.replay_positions == "original":
-                run.positions[:, :, columns] = torch.where(rows[None, :, None], replay.positions,
-                                                           run.positions[:, :, columns])
-            slot_valid = replay.slot_valid.to(run.mask.dtype)
-            run.mask[:, columns] = torch.where(rows[:, None], slot_valid, run.mask[:, columns])
+                _write_rows(run.positions[:, :, columns], replay.positions, by_row)
+            _write_rows(run.mask[:, columns], replay.slot_valid, by_row)
             if run.compute_recon or run.output_latent_trace:
                 trace.update(self._replay_trace(run, replay=replay, rows=rows))
         elif layout.slots > 0:
             # No image in the whole batch: the slots are masked out, like the unused slots of a sample whose
             # visual tokens ran out (or that has none, in a batch with images), so that a prompt without an
             # image computes the same alone as in any batch.
-            run.mask[:, columns] = torch.where(rows[:, None], 0, run.mask[:, columns])
+            _write_rows(run.mask[:, columns], 0, by_row)
             if run.output_latent_trace:  # the same trace fields as with images: nothing selected
                 device = run.mask.device
                 trace.update(replay_indices=torch.full((batch, run.num_replay), -1, dtype=torch.long, device=device),
@@ -1082,7 +1107,7 @@ class VedasMixin:
         saliency = state.visual_saliency()
         selection = select_replay(saliency=saliency, candidate_mask=run.visual.valid, visited=run.visited,
                                   k=run.num_replay, rescale=cfg.replay_scale == "rescaled")
-        run.visited = torch.where(rows[:, None], selection.visited, run.visited)
+        run.visited = selection.visited if rows is None else torch.where(rows[:, None], selection.visited, run.visited)
         hidden = run.embeds.shape[-1]
         # the chosen tokens' columns, then one gather of their merger outputs V and positions (gathering all the
         # visual tokens first copied the whole of V, (batch, v, hidden), at every step)
@@ -1102,8 +1127,8 @@ class VedasMixin:
         """The step's trace fields (replayed indices and weights, saliency, crop window) and, when L_recon is on,
         its `(sample, window, mean B(t))` entries in `run.recon`."""
         selection = replay.selection
-        windows = dense_windows(selection.indices, selection.valid & rows[:, None], run.visual,
-                                self.config.window_size)
+        replayed = selection.valid if rows is None else selection.valid & rows[:, None]
+        windows = dense_windows(selection.indices, replayed, run.visual, self.config.window_size)
         if run.compute_recon:
             valid_count = selection.valid.sum(-1, keepdim=True).clamp(min=1)
             mean_replay = replay.tokens.sum(1) / (1 if self.config.replay_mode == "soft_mix" else valid_count)
