@@ -1050,16 +1050,17 @@ class VedasMixin:
         """One pass of the text model over columns `[begin, end)` (`[0, end)` without a cache), saliency captured
         when a latent step follows."""
         chunk = slice(begin if run.cache is not None else 0, end)
+        mask = run.mask[:, :end]
+        key_valid = mask.bool()  # the pass's tokens are its last columns: their validity is a view of it
         state = self._routing_state(
-            token_valid=run.mask[:, chunk].bool(), prompt_mask=run.prompt_mask[:, chunk],
-            key_valid=run.mask[:, :end].bool(), record_scores=run.output_latent_trace,
-            prompt_lengths=run.prompt_lengths,
+            token_valid=key_valid[:, chunk], prompt_mask=run.prompt_mask[:, chunk], key_valid=key_valid,
+            record_scores=run.output_latent_trace, prompt_lengths=run.prompt_lengths,
         )
         if run.replay_on and step < run.layout.num_steps:
             state.saliency_columns, state.saliency_valid = run.visual.columns, run.visual.valid
         record = run.cache is not None or step == run.layout.num_steps  # without a cache the last pass has it all
         outputs = self._run_text_model(
-            inputs_embeds=run.embeds[:, chunk], attention_mask=run.mask[:, :end],
+            inputs_embeds=run.embeds[:, chunk], attention_mask=mask,
             position_ids=run.positions[:, :, chunk], use_cache=run.cache is not None, vedas_state=state,
             output_attentions=output_attentions and record, output_hidden_states=output_hidden_states and record,
             **{CACHE_ARG: run.cache}, **(run.deepstack.inputs(chunk) if run.deepstack is not None else {}),

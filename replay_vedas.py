@@ -132,29 +132,26 @@ def select_replay(
     k_eff = min(k, num_columns)
     order = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :k_eff]
     valid = torch.gather(available, 1, order)
-    indices = order.masked_fill(~valid, 0)
+    # The columns of `order` are distinct (a sort's), so a plain scatter of `valid` marks exactly this step's picks.
+    new_visited = visited | torch.zeros_like(visited).scatter_(1, order, valid)
 
     if k_eff < k:
         # k > N: the tail slots can never be filled.
         pad = k - k_eff
-        indices = torch.cat([indices, indices.new_zeros(batch_size, pad)], dim=1)
+        order = torch.cat([order, order.new_zeros(batch_size, pad)], dim=1)
         valid = torch.cat([valid, valid.new_zeros(batch_size, pad)], dim=1)
+    invalid = ~valid
+    indices = order.masked_fill(invalid, 0)
 
     # Softmax over valid slots only, in float32. Invalid slots get the most negative finite logit rather
     # than -inf, so an all-invalid row gives a finite (uniform) softmax that the mask then zeroes: no NaN,
     # neither in the forward nor in the backward.
     selected = torch.gather(saliency, 1, indices).float()
-    logits = selected.masked_fill(~valid, torch.finfo(torch.float32).min)
+    logits = selected.masked_fill(invalid, torch.finfo(torch.float32).min)
     weights = torch.softmax(logits, dim=-1) * valid
     if rescale:
         weights = weights * valid.sum(dim=-1, keepdim=True)
     weights = weights.to(saliency.dtype)
-
-    # Invalid slots all point to column 0, so a plain scatter of `valid` could overwrite a real hit on
-    # column 0 with False; counting hits with scatter_add avoids that.
-    hits = torch.zeros(batch_size, num_columns, dtype=torch.long, device=device)
-    hits.scatter_add_(1, indices, valid.long())
-    new_visited = visited | (hits > 0)
 
     return ReplaySelection(indices=indices, weights=weights, valid=valid, visited=new_visited)
 

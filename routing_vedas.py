@@ -148,6 +148,15 @@ class VedasForwardState:
             self._per_forward[("keys", length)] = ~self.key_valid[:, None, :length]
         return self._per_forward[("keys", length)]
 
+    def segment_ids(self) -> torch.Tensor:
+        """`segments`, or zeros `(batch, l)` when rows are not packed (one sequence each), built once per forward and
+        only when read: a latent step's chunk, whose tokens all meet a stored threshold, never reads them."""
+        if self.segments is not None:
+            return self.segments
+        if "segments" not in self._per_forward:
+            self._per_forward["segments"] = torch.zeros_like(self.token_valid, dtype=torch.long)
+        return self._per_forward["segments"]
+
     def last_rotary(self, position_embeddings: tuple) -> tuple[torch.Tensor, torch.Tensor]:
         """`(cos, sin)` of the last position `(batch, 1, head_dim)`, for `_rotate_last`, once per forward (the text
         model hands every layer the same position embeddings). `sin`'s first half is negated, so that the rotation
@@ -379,7 +388,7 @@ class VedasDecoderLayerMixin:
         key = (self.layer_idx, depth)
         cache = past_key_values if isinstance(past_key_values, VedasCache) else None
         scores = self.router_scores(hidden_states)  # (b, l), fp32
-        selected, segments = self._select(scores, key=key, cache=cache, state=state)
+        selected = self._select(scores, key=key, cache=cache, state=state)
         # gather the selected tokens in position order: a stable sort puts them first, padding slots after
         counts = selected.sum(-1)
         width = int(counts.max())
@@ -390,7 +399,7 @@ class VedasDecoderLayerMixin:
         sel_valid = torch.arange(width, device=counts.device)[None] < counts[:, None]
         index = order.unsqueeze(-1)
         h_sel = hidden_states.gather(1, index.expand(-1, -1, hidden_states.shape[-1]))
-        f_sel = self._second_pass(h_sel, order=order, sel_valid=sel_valid, segments=segments,
+        f_sel = self._second_pass(h_sel, order=order, sel_valid=sel_valid, segments=state.segment_ids(),
                                   position_embeddings=position_embeddings, key=key, cache=cache, state=state)
         gate = scores.gather(1, order).unsqueeze(-1).to(h_sel.dtype)
         if self.depth_residual == "literal":  # H(d) = h + m ⊙ s ⊙ (f(h) - h), then Eq. 11 as printed
@@ -407,17 +416,16 @@ class VedasDecoderLayerMixin:
     def _select(self, scores, key, cache, state: VedasForwardState):
         """The selection m `(batch, l)` bool from the router scores s `(batch, l)`: top-α of the sequence
         (`"global"`), else top-α of the routing prompt, which sets the threshold that later tokens (and those after
-        it on the cache) must reach. Records the router statistics (when `state.record_stats`); returns m and the
-        packed-sequence ids."""
+        it on the cache) must reach. Records the router statistics (when `state.record_stats`)."""
         valid = state.token_valid
-        segments = state.segments if state.segments is not None else torch.zeros_like(valid, dtype=torch.long)
         if state.routing_mode == "global":
-            selected, threshold = _top_alpha(scores, valid, self._alpha(state), segments)
+            selected, threshold = _top_alpha(scores, valid, self._alpha(state), state.segment_ids())
         elif cache is not None and key in cache.routing_thresholds:
             threshold = cache.routing_thresholds[key][:, None]
             selected = valid & (scores >= threshold)
         else:  # the prompt's top-α is selected and sets the threshold that every later token must reach
             prompt = state.prompt_mask & valid
+            segments = state.segment_ids()
             top, threshold = _top_alpha(scores, prompt, self._alpha(state), segments)  # threshold: (b, segments)
             selected = torch.where(prompt, top, valid & (scores >= threshold.gather(1, segments)))
             if cache is not None:  # a cache never holds packed rows: one segment
@@ -431,7 +439,7 @@ class VedasDecoderLayerMixin:
             state.router_stats[key] = {name: value.detach() for name, value in stats.items()}
         if state.record_scores:
             state.router_scores[key] = (scores.detach(), selected)
-        return selected, segments
+        return selected
 
     def _second_pass(self, h_sel, order, sel_valid, segments, position_embeddings, key, cache, state):
         """f: the same layer over the selected tokens `h_sel` `(batch, w, hidden)` (their columns `order`, real
