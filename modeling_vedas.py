@@ -1178,7 +1178,9 @@ class VedasMixin:
     def _has_latent_slots(self, input_ids) -> bool:
         """Whether `input_ids` hold `<|latent|>` slots in a latent block (then forward runs the latent forward)."""
         latent = self.config.latent_token_id
-        if input_ids is None or latent is None:
+        # a slot follows its block's <|start_latent|> in the same input: a decode step's one token is never one,
+        # and answering that without a look at the ids saves a host sync per generated token
+        if input_ids is None or latent is None or input_ids.shape[-1] < 2:
             return False
         return bool(((input_ids == latent) & self._latent_block(input_ids)).any())
 
