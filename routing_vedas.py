@@ -178,6 +178,27 @@ class VedasForwardState:
         return row / max(self.saliency_layers, 1)
 
 
+@dataclass
+class _Selected:
+    """The tokens a routing layer selected, gathered in position order into `w` slots (`_route`).
+
+    Args:
+        order (`(batch, w)` long): the column of each slot's token (slots past a row's count hold unselected ones).
+        valid (`(batch, w)` bool): slots that hold a selected token.
+        counts (`(batch,)` long): selected tokens per row.
+        full (`bool`): every slot is valid (one row, at least one token): the masks below have nothing to mask.
+    """
+
+    order: torch.Tensor
+    valid: torch.Tensor
+    counts: torch.Tensor
+    full: bool
+
+    def masked(self, update: torch.Tensor) -> torch.Tensor:
+        """`update` `(batch, w, hidden)` zeroed on invalid slots."""
+        return update if self.full else update * self.valid.unsqueeze(-1)
+
+
 def _top_alpha(scores: torch.Tensor, mask: torch.Tensor, k: torch.Tensor,
                segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row and segment, exactly min(k, count) highest-scoring tokens where `mask` (equal scores: the earlier
@@ -394,19 +415,25 @@ class VedasDecoderLayerMixin:
         width = int(counts.max())
         if width == 0 and not _in_lockstep(self):
             return self._depth_residual(hidden_states, hidden_states, depth)
+        # one row's `width` selected tokens fill every slot: no slot to mask (as in a generate of one prompt)
+        full = hidden_states.shape[0] == 1 and width > 0
         width = max(width, 1)  # ranks in lockstep run the second pass even on nothing: one masked slot, zero update
         order = torch.sort((~selected).to(torch.int8), dim=-1, stable=True).indices[:, :width]  # (b, w)
-        sel_valid = torch.arange(width, device=counts.device)[None] < counts[:, None]
+        if full:
+            sel_valid = torch.ones_like(order, dtype=torch.bool)
+        else:
+            sel_valid = torch.arange(width, device=counts.device)[None] < counts[:, None]
+        tokens = _Selected(order=order, valid=sel_valid, counts=counts, full=full)
         index = order.unsqueeze(-1)
         h_sel = hidden_states.gather(1, index.expand(-1, -1, hidden_states.shape[-1]))
-        f_sel = self._second_pass(h_sel, order=order, sel_valid=sel_valid, segments=state.segment_ids(),
-                                  position_embeddings=position_embeddings, key=key, cache=cache, state=state)
-        gate = scores.gather(1, order).unsqueeze(-1).to(h_sel.dtype)
+        f_sel = self._second_pass(h_sel, tokens, position_embeddings=position_embeddings, key=key, cache=cache,
+                                  state=state)
+        delta = (f_sel - h_sel) * scores.gather(1, order).unsqueeze(-1).to(h_sel.dtype)  # ⊙ s
         if self.depth_residual == "literal":  # H(d) = h + m ⊙ s ⊙ (f(h) - h), then Eq. 11 as printed
-            delta = (f_sel - h_sel) * gate * sel_valid.unsqueeze(-1)
+            delta = tokens.masked(delta)
             routed = hidden_states.scatter_add(1, index.expand_as(delta), delta)
             return self._depth_residual(hidden_states, routed, depth)
-        delta = (f_sel - h_sel) * gate * self.depth_step_embed.weight[depth] * sel_valid.unsqueeze(-1)
+        delta = tokens.masked(delta * self.depth_step_embed.weight[depth])
         if _can_update_in_place(hidden_states):  # h is this layer's own output: no (batch, l, hidden) copy
             return hidden_states.scatter_add_(1, index.expand_as(delta), delta)
         # under autograd out of place, as backward may need h unchanged: one copy of the hidden states plus the
@@ -441,46 +468,28 @@ class VedasDecoderLayerMixin:
             state.router_scores[key] = (scores.detach(), selected)
         return selected
 
-    def _second_pass(self, h_sel, order, sel_valid, segments, position_embeddings, key, cache, state):
-        """f: the same layer over the selected tokens `h_sel` `(batch, w, hidden)` (their columns `order`, real
-        where `sel_valid`), causal among them within each packed sequence, after the selected keys on the cache; at
-        their own positions or, with `routing_positions="rearranged"`, at consecutive new ones."""
-        width = h_sel.shape[1]
-        counts = sel_valid.sum(-1)
-        index = order.unsqueeze(-1)
-        sel_segments = segments.gather(1, order)
-
+    def _second_pass(self, h_sel, tokens: _Selected, position_embeddings, key, cache, state):
+        """f: the same layer over the selected tokens `h_sel` `(batch, w, hidden)` (`tokens`), causal among them
+        within each packed sequence, after the selected keys on the cache; at their own positions or, with
+        `routing_positions="rearranged"`, at consecutive new ones."""
+        width, counts = h_sel.shape[1], tokens.counts
+        # which packed sequence each selected token belongs to (None: one sequence per row)
+        sel_segments = None if state.segments is None else state.segments.gather(1, tokens.order)
         past = cache.routing_kv.get(key) if cache is not None else None
         start = cache.routing_positions.get(key) if cache is not None else None
         if self.routing_positions == "rearranged":
-            start = torch.zeros_like(counts) if start is None else start
-            rank = torch.arange(width, device=counts.device)[None].expand(sel_segments.shape[0], -1)
-            # each packed sequence counts its selected tokens from 0 (rank of its first selected token subtracted)
-            first = torch.ones_like(sel_segments, dtype=torch.bool)
-            first[:, 1:] = sel_segments[:, 1:] != sel_segments[:, :-1]
-            positions = start[:, None] + rank - torch.where(first, rank, 0).cummax(-1).values
+            first = torch.zeros_like(counts) if start is None else start
+            positions = first[:, None] + _ranks_in_sequence(sel_segments, width, h_sel.shape[0], counts.device)
             cos, sin = state.rotary_emb(h_sel, self._rope_position_ids(positions))
         else:
-            cos, sin = (t.gather(1, index.expand(-1, -1, t.shape[-1])) for t in position_embeddings)
+            columns = tokens.order.unsqueeze(-1).expand(-1, -1, position_embeddings[0].shape[-1])
+            cos, sin = (t.gather(1, columns) for t in position_embeddings)
         if cache is not None:
-            base = torch.zeros_like(counts) if start is None else start
-            cache.routing_positions[key] = base + counts
+            cache.routing_positions[key] = counts if start is None else start + counts
 
-        # (b, 1, w, n_past + w) additive mask: valid past keys, causal among the new ones of the same packed
-        # sequence; invalid rows see themselves only, so no row is fully masked (their output is discarded)
-        new_causal = torch.ones(width, width, dtype=torch.bool, device=counts.device).tril()
-        allowed_new = new_causal[None] & sel_valid[:, None, :] & (sel_segments[:, :, None] == sel_segments[:, None, :])
-        allowed_new = allowed_new | torch.eye(width, dtype=torch.bool, device=counts.device)[None]
-        if past is not None:
-            allowed_past = past[2][:, None, :].expand(-1, width, -1) & sel_valid[:, :, None]
-            allowed = torch.cat([allowed_past, allowed_new], dim=-1)
-        else:
-            allowed = allowed_new
-        mask = torch.zeros(allowed.shape, dtype=h_sel.dtype, device=h_sel.device)
-        mask = mask.masked_fill(~allowed, torch.finfo(h_sel.dtype).min)[:, None]
-
+        mask = _second_pass_mask(tokens, sel_segments, None if past is None else past[2], h_sel.dtype)
         kv = _SecondPassKV(cache.routing_kv if cache is not None else None, key, past)
-        kv.new_valid = sel_valid
+        kv.new_valid = tokens.valid
         state.attention_calls.append(False)
         return super().forward(h_sel, attention_mask=mask, use_cache=True, **{CACHE_ARG: kv},
                                position_embeddings=(cos, sin))
@@ -498,6 +507,38 @@ class VedasDecoderLayerMixin:
         if self.depth_residual == "literal":
             return hidden_states + routed * self.depth_step_embed.weight[depth]
         return hidden_states
+
+
+def _ranks_in_sequence(sel_segments: torch.Tensor | None, width: int, batch: int, device) -> torch.Tensor:
+    """`(batch, w)`: each selected token's rank among the selected tokens of its packed sequence (`sel_segments`
+    `(batch, w)`; None: one sequence per row, whose ranks are the slots)."""
+    rank = torch.arange(width, device=device)[None].expand(batch, -1)
+    if sel_segments is None:
+        return rank
+    first = torch.ones_like(sel_segments, dtype=torch.bool)
+    first[:, 1:] = sel_segments[:, 1:] != sel_segments[:, :-1]
+    return rank - torch.where(first, rank, 0).cummax(-1).values  # the rank of the sequence's first token subtracted
+
+
+def _second_pass_mask(tokens: _Selected, sel_segments, past_valid, dtype) -> torch.Tensor:
+    """The second pass's `(batch, 1, w, n_past + w)` additive mask: valid past keys (`past_valid` `(batch,
+    n_past)`, or None), causal among the new ones of the same packed sequence; invalid rows see themselves only, so
+    no row is fully masked (their output is discarded). A full selection without packing is plain causal."""
+    valid, width = tokens.valid, tokens.valid.shape[1]
+    allowed = torch.ones(width, width, dtype=torch.bool, device=valid.device).tril()[None]
+    if not tokens.full:
+        allowed = allowed & valid[:, None, :]
+    if sel_segments is not None:
+        allowed = allowed & (sel_segments[:, :, None] == sel_segments[:, None, :])
+    if not tokens.full:  # (otherwise the diagonal is allowed already)
+        allowed = allowed | torch.eye(width, dtype=torch.bool, device=valid.device)[None]
+    if past_valid is not None:
+        past = past_valid[:, None, :].expand(-1, width, -1)
+        if not tokens.full:
+            past = past & valid[:, :, None]
+        allowed = torch.cat([past, allowed], dim=-1)  # (a full selection has one row, as `allowed` then)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=valid.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def _layer_kv(cache: DynamicCache, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
