@@ -5,5 +5,6 @@ from conftest import ALL_BACKBONES, BACKBONE_OVERRIDES
 from conftest import BACKBONES as CONFTEST_BACKBONES
 
 BACKBONES = ALL_BACKBONES
-# the conversion settings of the backbones beyond conftest's `BACKBONES` (Qwen3-VL: its 32-pixel crop side)
+# the conversion settings of the backbones beyond conftest's `BACKBONES` (their crop sides: Qwen3-VL 32-pixel cells,
+# Chameleon 4-pixel VQ codes)
 EXTRA_OVERRIDES = {b: o for b, o in BACKBONE_OVERRIDES.items() if b not in CONFTEST_BACKBONES}

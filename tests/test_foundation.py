@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from conftest import ALL_BACKBONES, load_vedas, make_inputs, perturb_vedas, quadrant_image
+from conftest import ALL_BACKBONES, base_positions, load_vedas, make_inputs, perturb_vedas, quadrant_image
 from vedas.configuration_vedas import Vedas3Config, Vedas25Config, VedasConfig
 from vedas_trainer.checkpoint import (
     REMOTE_CODE_FILES,
@@ -24,7 +24,8 @@ from vedas_trainer.checkpoint import (
 )
 
 
-PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
+PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor",
+              "chameleon": "ChameleonProcessor"}
 TEXT = {"num_hidden_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2}
 
 
@@ -72,6 +73,8 @@ def test_converted_model_equals_base_and_round_trips(backbone, all_base_dirs, al
     vocab = len(base_processor.tokenizer)
     images = [quadrant_image((112, 84), seed=3), quadrant_image((56, 112), seed=4)]
     inputs = make_inputs(processor, ["what colour is it ?", "which arrow ?"], images)
+    assert not bool(inputs["attention_mask"].all())  # a padded batch
+    inputs = {**inputs, **base_positions(model, inputs)}
     with torch.no_grad():
         expected = base.eval()(**inputs).logits
         got = model(**inputs).logits
@@ -95,9 +98,8 @@ def test_checkpoint_folder_is_complete(backbone, all_vedas_dirs):
     folder = all_vedas_dirs[backbone]
     assert check_checkpoint_folder(folder) == []
     config = json.loads((folder / "config.json").read_text())
-    expected_class = CLASSES[backbone][2].__name__
-    assert config["auto_map"]["AutoModel"] == f"modeling_vedas.{expected_class}"
-    assert config["auto_map"]["AutoModelForImageTextToText"] == f"modeling_vedas.{expected_class}"
+    expected = f"{module_name(CLASSES[backbone][2])}.{CLASSES[backbone][2].__name__}"
+    assert config["auto_map"]["AutoModel"] == config["auto_map"]["AutoModelForImageTextToText"] == expected
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     ids = [processor.tokenizer.convert_tokens_to_ids(t) for t in ("<|start_latent|>", "<|latent|>", "<|end_latent|>")]
     assert ids == [config["start_latent_token_id"], config["latent_token_id"], config["end_latent_token_id"]]
@@ -130,6 +132,8 @@ REMOTE_SCRIPT = textwrap.dedent(
     model2 = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     processor.tokenizer.padding_side = "left"
+    if processor.chat_template is None:  # ChameleonProcessor does not load its own: the tokenizer's is the one
+        processor.chat_template = processor.tokenizer.chat_template
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour ?"}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(text=[text], images=[Image.new("RGB", (56, 56), (200, 30, 30))], return_tensors="pt")
@@ -158,11 +162,17 @@ def test_remote_code_loads_in_a_fresh_process(backbone, all_vedas_dirs, tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["module"].startswith("transformers_modules.") and report["module"].endswith("modeling_vedas")
+    assert report["module"].startswith("transformers_modules.")
+    assert report["module"].endswith(module_name(CLASSES[backbone][2]))  # chameleon_vedas on Chameleon
     assert report["module2"] == report["module"]
     assert report["class"] == CLASSES[backbone][2].__name__
     assert report["new_tokens"] == 1 + 2 + 1 + 3  # start marker, 2 latents, end marker, 3 answer tokens
     assert report["processor"] == PROCESSORS[backbone]
+
+
+def module_name(cls) -> str:
+    """The remote-code file (without .py) that defines `cls`."""
+    return cls.__module__.rpartition(".")[2]
 
 
 # Remove the editable-install finders of `vedas`/`vedas_trainer` before anything is imported.

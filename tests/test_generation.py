@@ -18,6 +18,7 @@ from transformers import (
 
 from conftest import (
     ALL_BACKBONES, answer_log_probs, load_vedas, make_inputs, no_eos, perturb_vedas, quadrant_image, two_prompts,
+    with_image_args,
 )
 
 
@@ -100,11 +101,11 @@ def test_beam_search_matches_uncached_and_teacher_forced_scores(model_and_proces
     assert cached.sequences.shape[0] == 4
     assert torch.equal(cached.sequences, uncached.sequences)
     torch.testing.assert_close(cached.sequences_scores, uncached.sequences_scores, atol=1e-4, rtol=1e-4)
-    forced = answer_log_probs(model, inputs, cached.sequences, 3)
+    forced = answer_log_probs(model, with_image_args(model, inputs), cached.sequences, 3)
     torch.testing.assert_close(cached.sequences_scores, forced.sum(-1), atol=1e-4, rtol=1e-4)
     # the best beam is at least as likely as the greedy answer
     greedy = model.generate(**inputs, num_latent_steps=2, max_new_tokens=3, do_sample=False, **no_eos(model))
-    greedy_score = answer_log_probs(model, inputs, greedy, 3).sum(-1)
+    greedy_score = answer_log_probs(model, with_image_args(model, inputs), greedy, 3).sum(-1)
     assert bool((cached.sequences_scores[::2] >= greedy_score - 1e-4).all())
 
 

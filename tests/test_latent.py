@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from conftest import ALL_BACKBONES, load_vedas, make_inputs, perturb_vedas, quadrant_image
+from conftest import (
+    ALL_BACKBONES, image_args, load_vedas, make_inputs, perturb_vedas, quadrant_image, with_image_args,
+)
 from vedas_trainer.testing import eager_saliency
 
 
@@ -26,12 +28,11 @@ def teacher_forced(model, inputs, sequences, num_replay):
     layout = expand_to_layout(model, sequences, inputs["input_ids"].shape[1], num_replay)
     extra = layout.shape[1] - inputs["input_ids"].shape[1]
     mask = torch.cat([inputs["attention_mask"], torch.ones(layout.shape[0], extra, dtype=torch.long)], 1)
-    types = torch.cat([inputs["mm_token_type_ids"], torch.zeros(layout.shape[0], extra, dtype=torch.int)], 1)
+    images = image_args(model, inputs)
+    types = torch.cat([images.pop("mm_token_type_ids"), torch.zeros(layout.shape[0], extra, dtype=torch.int)], 1)
     with torch.no_grad():
-        out = model(
-            input_ids=layout, attention_mask=mask, mm_token_type_ids=types, pixel_values=inputs["pixel_values"],
-            image_grid_thw=inputs["image_grid_thw"], num_replay_tokens=num_replay, output_latent_trace=True,
-        )
+        out = model(input_ids=layout, attention_mask=mask, mm_token_type_ids=types, **images,
+                    num_replay_tokens=num_replay, output_latent_trace=True)
     return layout, out
 
 
@@ -103,14 +104,15 @@ def test_malformed_layout_names_the_sample(model_and_processor):
     model, processor = model_and_processor
     cfg = model.config
     inputs = make_inputs(processor, ["what ?", "what ?"], [quadrant_image(), quadrant_image()])
+    images = image_args(model, inputs)
     ids, mask, types = model.build_latent_layout(inputs["input_ids"], inputs["attention_mask"],
-                                                 inputs["mm_token_type_ids"], 2, 4)
+                                                 images.pop("mm_token_type_ids"), 2, 4)
     end = torch.full_like(ids[:, :1], cfg.end_latent_token_id)
     ids = torch.cat([ids, end], 1)
     ids[1, -3] = cfg.latent_token_id  # a replay slot replaced by a latent in sample 1
     with pytest.raises(ValueError, match="Sample 1"):
         model(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=torch.cat([types, end * 0], 1),
-              pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+              **images)
 
 
 def training_batch(model, processor, steps=2, num_replay=4, images=None):
@@ -118,8 +120,9 @@ def training_batch(model, processor, steps=2, num_replay=4, images=None):
     cfg = model.config
     images = images or [quadrant_image((112, 84), seed=5), quadrant_image((84, 84), seed=6)]
     inputs = make_inputs(processor, ["what colour ?", "which one is it ?"], images)
+    image_inputs = image_args(model, inputs)
     ids, mask, types = model.build_latent_layout(
-        inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"], steps, num_replay
+        inputs["input_ids"], inputs["attention_mask"], image_inputs.pop("mm_token_type_ids"), steps, num_replay
     )
     answer = processor.tokenizer(" answer : red", add_special_tokens=False)["input_ids"]
     tail = torch.tensor([cfg.end_latent_token_id] + answer)[None].expand(ids.shape[0], -1)
@@ -129,8 +132,8 @@ def training_batch(model, processor, steps=2, num_replay=4, images=None):
     mask = torch.cat([mask, torch.ones_like(tail)], 1)
     types = torch.cat([types, torch.zeros_like(tail).int()], 1)
     crops = [[torch.from_numpy(__import__("numpy").array(im)).permute(2, 0, 1)] for im in images]
-    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, labels=labels,
-                pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"], crop_images=crops)
+    return dict(input_ids=ids, attention_mask=mask, mm_token_type_ids=types, labels=labels, **image_inputs,
+                crop_images=crops)
 
 
 def test_gradients_reach_prompt_token_sr_and_visual_features(model_and_processor):
@@ -139,23 +142,25 @@ def test_gradients_reach_prompt_token_sr_and_visual_features(model_and_processor
     model.train()
     captured = {}
     embed = model.model.get_input_embeddings()
-    visual = model.model.visual
 
-    def keep(name):
-        def hook(module, args, output):  # returns None: the output is kept, not replaced
-            if name not in captured:
-                output.retain_grad()
-                captured[name] = output
+    def keep(name, output):
+        if name not in captured:
+            output.retain_grad()
+            captured[name] = output
 
-        return hook
+    def image_embeddings(*args):  # the visual features V (Qwen: the merger outputs; Chameleon: the codes' embeddings)
+        embeddings, deepstack = type(model)._image_embeddings(model, *args)
+        keep("visual", embeddings)
+        return embeddings, deepstack
 
-    hooks = [embed.register_forward_hook(keep("embeds")), visual.merger.register_forward_hook(keep("visual"))]
+    hook = embed.register_forward_hook(lambda module, args, output: keep("embeds", output))
+    model._image_embeddings = image_embeddings
     try:
         model.zero_grad()
         out = model(**batch)
     finally:
-        for hook in hooks:
-            hook.remove()
+        hook.remove()
+        del model._image_embeddings
         model.eval()
     assert out.ce_loss is not None and out.recon_loss is not None and torch.isfinite(out.loss)
     torch.testing.assert_close(out.loss, out.ce_loss + model.config.recon_weight * out.recon_loss)
@@ -164,7 +169,7 @@ def test_gradients_reach_prompt_token_sr_and_visual_features(model_and_processor
     start = int((batch["input_ids"][0] == model.config.start_latent_token_id).nonzero())
     assert captured["embeds"].grad[:, start].abs().sum() > 0
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.token_sr.parameters())
-    # replay weights carry gradient back to the visual features (merger outputs)
+    # replay weights carry gradient back to the visual features
     assert captured["visual"].grad.abs().sum() > 0
 
 
@@ -180,7 +185,7 @@ def test_training_forward_with_gradient_checkpointing_matches(model_and_processo
         out = model(**batch)
         out.loss.backward()
         torch.testing.assert_close(out.logits.detach(), reference, atol=1e-4, rtol=1e-4)
-        assert model.model.language_model.layers[0].self_attn.q_proj.weight.grad is not None
+        assert model._text_model.layers[0].self_attn.q_proj.weight.grad is not None
     finally:
         model.gradient_checkpointing_disable()
         model.eval()
@@ -189,15 +194,18 @@ def test_training_forward_with_gradient_checkpointing_matches(model_and_processo
 
 def test_replay_never_revisits_and_handles_exhaustion(model_and_processor):
     model, processor = model_and_processor
-    # 56x56 image: 4 visual tokens; K=3 over 3 steps asks for 9 -> the last steps take what remains
+    # 56x56 image: 4 visual tokens on the Qwen backbones (K = 3), 64 VQ codes on Chameleon (K = 48); T = 3 steps of
+    # K ask for 9 / 4 of them: step 2 takes what remains, step 3 nothing
     inputs = make_inputs(processor, ["what ?"], [quadrant_image((56, 56), seed=7)])
+    visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    k = 3 * visual // 4
     with pytest.warns(UserWarning, match="exceeds the visual tokens"):
         model._warned.discard("few-visual")
-        out = model.generate(**inputs, num_latent_steps=3, num_replay_tokens=3, max_new_tokens=2, do_sample=False,
+        out = model.generate(**inputs, num_latent_steps=3, num_replay_tokens=k, max_new_tokens=2, do_sample=False,
                              return_dict_in_generate=True, output_latent_trace=True, output_scores=True)
     chosen = [i for step in out.latent_trace for i in step["replay_indices"][0].tolist() if i >= 0]
-    assert sorted(chosen) == [0, 1, 2, 3]  # every visual token once, none twice
-    assert out.latent_trace[2]["replay_indices"][0].tolist() == [-1, -1, -1]
+    assert sorted(chosen) == list(range(visual))  # every visual token once, none twice
+    assert out.latent_trace[2]["replay_indices"][0].tolist() == [-1] * k
     assert all(torch.isfinite(s).all() for s in out.scores)
     assert all(torch.isfinite(step["replay_weights"]).all() for step in out.latent_trace)
 
@@ -244,7 +252,7 @@ def test_saliency_is_the_last_query_attention_over_visual_tokens(backbone, all_v
     inputs = make_inputs(processor, ["what colour is the arrow ?"], [quadrant_image((112, 112), seed=9)])
     out = model.generate(**inputs, num_latent_steps=1, num_replay_tokens=4, max_new_tokens=1, do_sample=False,
                          return_dict_in_generate=True, output_latent_trace=True)
-    saliency = eager_saliency(model, inputs)
+    saliency = eager_saliency(model, with_image_args(model, inputs))
     top = saliency.topk(4)
     assert out.latent_trace[0]["replay_indices"][0].tolist() == top.indices.tolist()
     torch.testing.assert_close(out.latent_trace[0]["replay_weights"][0], top.values.softmax(-1), atol=1e-5, rtol=1e-4)
@@ -315,7 +323,7 @@ def _training_gradients(model, batch, checkpointing=None):
     def count(module, args, kwargs):
         tokens[phase[0]] += args[0].shape[1] if args else kwargs["hidden_states"].shape[1]
 
-    layers = model.model.language_model.layers
+    layers = model._text_model.layers
     hooks = [layer.register_forward_pre_hook(count, with_kwargs=True) for layer in layers]
     if checkpointing is not None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)

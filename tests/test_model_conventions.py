@@ -12,7 +12,10 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from conftest import ALL_BACKBONES, load_vedas, make_inputs, perturb_vedas, quadrant_image
+from conftest import (
+    ALL_BACKBONES, base_positions, image_args, load_vedas, make_inputs, perturb_vedas, quadrant_image, select_images,
+    vision_tower,
+)
 from vedas.routing_vedas import DepthStepEmbedding, VedasCache
 from vedas_trainer.checkpoint import BACKBONES as CLASSES
 
@@ -98,8 +101,11 @@ def test_base_checkpoint_loaded_into_vedas_with_gate_zero_computes_the_base(back
     model = model_class.from_pretrained(all_base_dirs[backbone], config=config).eval()
     processor = AutoProcessor.from_pretrained(all_base_dirs[backbone])
     processor.tokenizer.padding_side = "left"
+    if processor.chat_template is None:  # ChameleonProcessor does not load its own: the tokenizer's is the one
+        processor.chat_template = processor.tokenizer.chat_template
     images = [quadrant_image((112, 84), seed=1), quadrant_image((56, 112), seed=2)]
     inputs = make_inputs(processor, QUESTIONS, images)
+    inputs = {**inputs, **base_positions(model, inputs)}
     with torch.no_grad():
         expected = base(**inputs).logits
         out = model(**inputs)
@@ -132,14 +138,14 @@ def image_inputs(processor):
 def latent_batch(model, inputs, steps=2, answer=(11, 12, 13)):
     """The prompts of `inputs` in the latent layout with T steps, then <|end_latent|> and a short answer."""
     cfg = model.config
+    images = image_args(model, inputs)
     ids, mask, types = model.build_latent_layout(
-        inputs["input_ids"], inputs["attention_mask"], inputs["mm_token_type_ids"], steps, cfg.num_replay_tokens
+        inputs["input_ids"], inputs["attention_mask"], images.pop("mm_token_type_ids"), steps, cfg.num_replay_tokens
     )
     tail = torch.tensor([[cfg.end_latent_token_id, *answer]]).expand(ids.shape[0], -1)
     return {
         "input_ids": torch.cat([ids, tail], 1), "attention_mask": torch.cat([mask, torch.ones_like(tail)], 1),
-        "mm_token_type_ids": torch.cat([types, torch.zeros_like(tail).int()], 1),
-        "pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"],
+        "mm_token_type_ids": torch.cat([types, torch.zeros_like(tail).int()], 1), **images,
     }
 
 
@@ -162,9 +168,9 @@ def test_hidden_states_attentions_and_tuple_output(backbone, all_vedas_dirs):
     assert all(float(stats["selected"]) > 0 for stats in out.router_stats.values())
     assert len(out.hidden_states) == layers + 1
     assert all(h.shape == (batch, length, model.config.text_config.hidden_size) for h in out.hidden_states)
-    embeds = model._embed(inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_thw"])
+    embeds = model._embed(inputs["input_ids"], inputs["pixel_values"], inputs.get("image_grid_thw"))
     torch.testing.assert_close(out.hidden_states[0], embeds, rtol=0, atol=0)
-    torch.testing.assert_close(model.lm_head(out.hidden_states[-1]), out.logits, rtol=0, atol=0)
+    torch.testing.assert_close(model._lm_logits(out.hidden_states[-1]), out.logits, rtol=0, atol=0)
     heads = model.config.text_config.num_attention_heads
     assert len(out.attentions) == layers
     assert all(a.shape == (batch, heads, length, length) for a in out.attentions)
@@ -198,7 +204,7 @@ def test_latent_forward_hidden_states_and_attentions(all_vedas_dirs):
         torch.testing.assert_close(got[valid], expected[valid], rtol=1e-4, atol=1e-5)
     for got, expected in zip(cached.attentions, single.attentions):
         torch.testing.assert_close(got.transpose(1, 2)[valid], expected.transpose(1, 2)[valid], rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(model.lm_head(cached.hidden_states[-1]), cached.logits, rtol=0, atol=0)
+    torch.testing.assert_close(model._lm_logits(cached.hidden_states[-1]), cached.logits, rtol=0, atol=0)
     assert torch.equal(run(model, **batch, return_dict=False)[0], cached.logits)
 
 
@@ -252,24 +258,29 @@ def test_four_d_mask_equals_two_d_mask(backbone, all_vedas_dirs, kind):
 
     # on a cache: the last tokens continue the prompt, with the 4-D rows of those queries over all keys
     split, full_mask = valid.shape[1] - 2, four_d(inputs["attention_mask"], kind)
+    types = image_args(model, inputs)["mm_token_type_ids"]
     outputs = {}
     for name, (first, second) in {"2-D": (inputs["attention_mask"][:, :split], inputs["attention_mask"]),
                                   "4-D": (full_mask[:, :, :split, :split], full_mask[:, :, split:])}.items():
         cache = VedasCache(config=model.config.text_config)
         prefix = {**inputs, "input_ids": inputs["input_ids"][:, :split], "attention_mask": first,
-                  "mm_token_type_ids": inputs["mm_token_type_ids"][:, :split]}
+                  "mm_token_type_ids": types[:, :split]}
         run(model, **prefix, past_key_values=cache, use_cache=True)
         outputs[name] = run(model, input_ids=inputs["input_ids"][:, split:], attention_mask=second,
-                            mm_token_type_ids=inputs["mm_token_type_ids"], past_key_values=cache, use_cache=True).logits
+                            mm_token_type_ids=types, past_key_values=cache, use_cache=True).logits
     torch.testing.assert_close(outputs["4-D"], outputs["2-D"], rtol=1e-5, atol=1e-5)
 
     bidirectional = inputs["attention_mask"].bool()[:, None, None, :].expand(-1, 1, valid.shape[1], -1)
-    vision_calls = []  # refused before any work: the vision tower never runs
-    handle = model.model.visual.register_forward_hook(lambda *args: vision_calls.append(1))
-    with pytest.raises(ValueError, match="not causal attention over padding and packed sequences"):
-        run(model, **{**inputs, "attention_mask": bidirectional})
-    handle.remove()
-    assert not vision_calls
+    vision_calls = []  # refused before any work: the vision tower never runs (it does for a mask it takes)
+    handle = vision_tower(model).register_forward_hook(lambda *args: vision_calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="not causal attention over padding and packed sequences"):
+            run(model, **{**inputs, "attention_mask": bidirectional})
+        refused = len(vision_calls)
+        run(model, **inputs)
+    finally:
+        handle.remove()
+    assert refused == 0 and vision_calls
     batch = latent_batch(model, inputs)
     with pytest.raises(ValueError, match="latent-layout batch takes a 2-D"):
         run(model, **{**batch, "attention_mask": four_d(batch["attention_mask"], kind)})
@@ -325,18 +336,18 @@ def test_row_without_latent_block_routes_like_alone(backbone, all_vedas_dirs):
     its supervision starts and routes over that whole prompt, as when it runs alone (with or without a cache)."""
     model, processor = routed_model(all_vedas_dirs, backbone)
     inputs = image_inputs(processor)
-    latent = latent_batch(model, {k: v[:1] if k != "pixel_values" else v for k, v in inputs.items()})
+    types = image_args(model, inputs)["mm_token_type_ids"]
+    latent = latent_batch(model, {"input_ids": inputs["input_ids"][:1], "attention_mask": inputs["attention_mask"][:1],
+                                  "mm_token_type_ids": types[:1], **select_images(inputs, slice(0, 1))})
     keep = inputs["attention_mask"][1].bool()  # the second prompt without its padding, then a supervised answer
     answer = processor.tokenizer(" the arrow moves left then down", return_tensors="pt")["input_ids"]
     prompt = inputs["input_ids"][1:, keep]
     plain = {
         "input_ids": torch.cat([prompt, answer], 1),
-        "mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"][1:, keep], torch.zeros_like(answer).int()], 1),
+        "mm_token_type_ids": torch.cat([types[1:, keep], torch.zeros_like(answer).int()], 1),
         "labels": torch.cat([torch.full_like(prompt, -100), answer], 1),
     }
-    first_image = int(inputs["image_grid_thw"][0].prod())
-    alone = run(model, **plain, pixel_values=inputs["pixel_values"][first_image:],
-                image_grid_thw=inputs["image_grid_thw"][1:])
+    alone = run(model, **plain, **select_images(inputs, slice(1, 2)))
     pad = latent["input_ids"].shape[1] - plain["input_ids"].shape[1]
 
     def stack(latent_row, plain_row, value):  # the latent row, then the plain row left-padded to its width
@@ -347,7 +358,7 @@ def test_row_without_latent_block_routes_like_alone(backbone, all_vedas_dirs):
         "attention_mask": stack(latent["attention_mask"], torch.ones_like(plain["input_ids"]), 0),
         "mm_token_type_ids": stack(latent["mm_token_type_ids"], plain["mm_token_type_ids"], 0),
         "labels": stack(torch.full_like(latent["input_ids"], -100), plain["labels"], -100),
-        "pixel_values": inputs["pixel_values"], "image_grid_thw": inputs["image_grid_thw"],
+        **select_images(inputs, slice(0, 2)),
     }
     for use_cache in (True, False):
         got = run(model, **mixed, use_cache=use_cache)

@@ -21,7 +21,7 @@ import functools
 import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
@@ -32,7 +32,7 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from backbones import BACKBONES, EXTRA_OVERRIDES
-from conftest import TEST_OVERRIDES, load_vedas, make_inputs, perturb_vedas, quadrant_image
+from conftest import TEST_OVERRIDES, base_positions, load_vedas, make_inputs, perturb_vedas, quadrant_image
 from vedas_trainer.testing import eager_saliency
 from vedas.configuration_vedas import (
     POSITION_MODES,
@@ -44,7 +44,7 @@ from vedas.configuration_vedas import (
 from vedas.replay_vedas import select_replay
 from vedas.routing_vedas import VedasDecoderLayerMixin
 from vedas_trainer.checkpoint import convert_base, load_base, save_vedas_checkpoint
-from vedas_trainer.tiny_base import GENERIC_WORDS, TinySizes, build_tiny_base
+from vedas_trainer.tiny_base import GENERIC_WORDS, TinySizes, build_tiny_base, chameleon_cell
 
 
 # ------------------------------------------------------------------------------------------------------ settings
@@ -148,9 +148,12 @@ samples = st.builds(Sample, questions, st.lists(images, max_size=2).map(tuple))
 MAX_VISUAL_TOKENS = 2 * SIZES.max_pixels // 28**2
 
 
-def visual_tokens(batch) -> int:
+def visual_tokens(batch, backbone=None) -> int:
     """Visual tokens of a batch: one per 28 x 28 block of each image as the processor resizes it (Qwen2-VL; the
-    Qwen3-VL processor's bounds are scaled to 32 x 32 blocks, so its counts are the same up to rounding)."""
+    Qwen3-VL processor's bounds are scaled to 32 x 32 blocks, so its counts are the same up to rounding). On
+    Chameleon every image is one grid of VQ codes, whatever its size."""
+    if backbone == "chameleon":
+        return sum(len(sample.images) for sample in batch) * (SIZES.image_size // chameleon_cell(SIZES)) ** 2
     total = 0
     for sample in batch:
         for image in sample.images:
@@ -257,7 +260,7 @@ def vedas_model(case: Case, perturbed=True):
 # ------------------------------------------------------------------------------------------------------- helpers
 def record_coverage(case: Case):
     """Label the case for `--hypothesis-show-statistics`, which then reports how often each kind of input ran."""
-    tokens = visual_tokens(case.batch)
+    tokens = visual_tokens(case.batch, case.backbone)
     sizes = {(image.width, image.height) for sample in case.batch for image in sample.images}
     event(f"backbone={case.backbone}")
     event(f"batch size={len(case.batch)}")
@@ -389,12 +392,20 @@ QWEN3_CASE = Case(
     [Sample("which arrow ?", (ImageSpec(112, 84, seed=3), ImageSpec(64, 96, seed=5))), Sample("what colour ?")],
     num_latent_steps=2, num_replay_tokens=3, max_new_tokens=2,
 )
+# Chameleon likewise: its images are VQ codes of the vocabulary (64 per image here, whatever the image's size), with
+# 1-D positions; routing in two layers, replay, two images in one prompt and a prompt without one.
+CHAMELEON_CASE = Case(
+    "chameleon", {**NO_RDS, "routing_layers": [1, 3], "routing_topk": 0.5},
+    [Sample("which arrow ?", (ImageSpec(112, 84, seed=3), ImageSpec(64, 96, seed=5))), Sample("what colour ?")],
+    num_latent_steps=2, num_replay_tokens=3, max_new_tokens=2,
+)
 
 
 @pytest.mark.property
 @PROPERTY
 @given(case=cases())
 @example(case=QWEN3_CASE)
+@example(case=CHAMELEON_CASE)
 @example(case=ROUTING_PROMPT_WITHOUT_CACHE)
 @example(case=GLOBAL_WITHOUT_ROUTING_LAYERS)
 @example(case=TRACE_WITHOUT_CACHE)
@@ -418,6 +429,7 @@ def test_cached_generation_equals_uncached(case):
 @PROPERTY
 @given(case=cases(min_batch=2))
 @example(case=QWEN3_CASE)
+@example(case=CHAMELEON_CASE)
 @example(case=TEXT_ONLY_ROW_IN_IMAGE_BATCH)
 @example(case=GLOBAL_WITHOUT_ROUTING_LAYERS)
 @example(case=FLAT_IMAGE_TIE)  # may end in reject_tie(), see test_replay_ties_are_told_apart_from_differences
@@ -471,6 +483,7 @@ def test_replay_ties_are_told_apart_from_differences():
 @PROPERTY
 @given(case=cases())
 @example(case=QWEN3_CASE)
+@example(case=CHAMELEON_CASE)
 def test_save_then_load_equals_original(case):
     """A complete checkpoint folder (weights, config, processor, remote code) reloads to the same settings and
     bit-identical logits, generations and latent traces."""
@@ -503,6 +516,8 @@ def test_save_then_load_equals_original(case):
 @PROPERTY
 @given(case=cases(base_variants=("default", "untied", "no_spare_rows")))
 @example(case=QWEN3_CASE)
+# one unpadded sample (the forwards get no position_ids), on a base whose embedding the conversion must grow
+@example(case=replace(CHAMELEON_CASE, batch=CHAMELEON_CASE.batch[:1], base_variant="no_spare_rows"))
 def test_converted_untrained_equals_base(case):
     """With e(d) = 0 (depth_gate_init) a converted model computes its base exactly, whatever the Vedas settings:
     the same tokenization, bit-identical logits over the base vocabulary, and the same plain (T = 0) generation."""
@@ -513,9 +528,10 @@ def test_converted_untrained_equals_base(case):
     inputs = batch_inputs(processor, case.batch)
     base_inputs = batch_inputs(base_processor, case.batch)
     assert inputs["input_ids"].tolist() == base_inputs["input_ids"].tolist()
+    positions = base_positions(model, inputs)
     with torch.no_grad():
-        got = model(**inputs).logits
-        expected = base(**base_inputs).logits
+        got = model(**inputs, **positions).logits
+        expected = base(**base_inputs, **positions).logits
     torch.testing.assert_close(got[..., :vocab], expected[..., :vocab], rtol=0, atol=0)
     # greedy decoding over the base vocabulary: the spare embedding rows past it differ by design (four of them are
     # the Vedas tokens now), and an untrained model may well pick one

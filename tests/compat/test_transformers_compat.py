@@ -4,10 +4,11 @@ The range is one constant (configuration_vedas.TRANSFORMERS_RANGE), checked when
 one-line ImportError naming both versions) and stated by setup.py's requirement and by every checkpoint's card.
 
 The core equivalences, through the remote code as a user meets it (`AutoModel.from_pretrained(...,
-trust_remote_code=True)`), on every backbone (Qwen2-VL, Qwen2.5-VL, Qwen3-VL: its DeepStack, interleaved M-RoPE and
-decoder layer come from the installed transformers): converted == base, cache == no cache, batch == singles,
-save -> load, latent generate with its trace, beam search with latent steps, and a latent training step under
-gradient checkpointing (the KV cache kept, the gradients unchanged).
+trust_remote_code=True)`), on every backbone (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Chameleon: Qwen3-VL's DeepStack,
+interleaved M-RoPE and decoder layer, Chameleon's VQ-VAE and decoder layer come from the installed transformers):
+converted == base, cache == no cache, batch == singles, save -> load, latent generate with its trace, beam search
+with latent steps, and a latent training step under gradient checkpointing (the KV cache kept, the gradients
+unchanged).
 
 In the main suite the checkpoints are the session's (tests/conftest.py). The CI compatibility job (`.ci/compat`)
 writes them once with the main environment (tests/compat/write_checkpoints.py) and runs this file in one venv per
@@ -28,13 +29,14 @@ import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from conftest import (
-    ALL_BACKBONES, answer_log_probs, make_inputs, no_eos, perturb_vedas, quadrant_image, two_prompts,
+    ALL_BACKBONES, answer_log_probs, base_positions, make_inputs, no_eos, perturb_vedas, quadrant_image, two_prompts,
+    with_image_args,
 )
 from vedas import configuration_vedas
 from vedas.configuration_vedas import TRANSFORMERS_RANGE, check_transformers_version, transformers_requirement
+from vedas_trainer.checkpoint import remote_code_files
 
 CHECKPOINTS_ENV = "VEDAS_COMPAT_CHECKPOINTS"
-REMOTE_CODE = ("configuration_vedas.py", "modeling_vedas.py", "routing_vedas.py", "replay_vedas.py")
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +56,8 @@ def load_remote(folder):
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     processor.tokenizer.padding_side = "left"
+    if processor.chat_template is None:  # ChameleonProcessor does not load its own: the tokenizer's is the one
+        processor.chat_template = processor.tokenizer.chat_template
     return model, processor
 
 
@@ -84,6 +88,7 @@ def test_converted_equals_base(backbone, compat_dirs):
     assert type(model).__module__.startswith("transformers_modules.")
     vocab = len(AutoProcessor.from_pretrained(base_dir).tokenizer)
     inputs = two_prompts(processor)
+    inputs = {**inputs, **base_positions(model, inputs)}
     with torch.no_grad():
         expected = base(**inputs).logits
         got = model(**inputs).logits
@@ -124,7 +129,8 @@ def test_save_then_load(remote, tmp_path):
     with torch.no_grad():
         before = model(**inputs).logits
     model.save_pretrained(tmp_path)
-    assert all((tmp_path / name).is_file() for name in REMOTE_CODE)
+    code = remote_code_files(model.config.model_type)
+    assert "modeling_vedas.py" in code and all((tmp_path / name).is_file() for name in code)
     reloaded = AutoModel.from_pretrained(tmp_path, trust_remote_code=True).eval()
     with torch.no_grad():
         after = reloaded(**inputs).logits
@@ -150,7 +156,7 @@ def test_latent_generate_with_trace(remote):
     for row in chosen.tolist():  # replay never revisits a token
         picked = [i for i in row if i >= 0]
         assert len(picked) == len(set(picked))
-    forced = answer_log_probs(model, inputs, out.sequences, 4)
+    forced = answer_log_probs(model, with_image_args(model, inputs), out.sequences, 4)
     generated = torch.stack(out.logits, 1).float().log_softmax(-1)  # the raw logits (before suppress_tokens)
     expected = generated.gather(-1, out.sequences[:, -4:, None]).squeeze(-1)
     torch.testing.assert_close(forced, expected, atol=1e-4, rtol=1e-4)
@@ -167,7 +173,7 @@ def test_beam_search_with_latent_steps(remote):
     uncached = model.generate(**inputs, use_cache=False, **args)
     assert cached.sequences.shape[0] == 4
     assert torch.equal(cached.sequences, uncached.sequences)
-    forced = answer_log_probs(model, inputs, cached.sequences, 3)
+    forced = answer_log_probs(model, with_image_args(model, inputs), cached.sequences, 3)
     torch.testing.assert_close(cached.sequences_scores, forced.sum(-1), atol=1e-4, rtol=1e-4)
 
 

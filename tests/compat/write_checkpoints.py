@@ -1,6 +1,6 @@
-"""Write the compatibility job's checkpoints: for each backbone (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) a tiny base
-(`base-<backbone>`) and its Vedas conversion (`vedas-<backbone>`, with the test suite's settings for that backbone),
-by this repository's code.
+"""Write the compatibility job's checkpoints: for each backbone (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Chameleon) a tiny
+base (`base-<backbone>`) and its Vedas conversion (`vedas-<backbone>`, with the test suite's settings for that
+backbone), by this repository's code.
 
     python tests/compat/write_checkpoints.py OUT_DIR
 """
