@@ -39,6 +39,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -64,6 +65,10 @@ from vedas_trainer.trainer import (
 
 
 logger = logging.getLogger("vedas.train")
+
+
+# --keep_warmup_checkpoint: the kept checkpoint's name, outside `checkpoint-*`, which rotation and `last` go through
+WARMUP_CHECKPOINT = "warmup-checkpoint"
 
 
 @dataclass
@@ -109,6 +114,10 @@ class DataArguments:
 class RunArguments:
     quick: bool = field(default=False, metadata={"help": "A ~2 minute smoke run of the embedded default (CI)."})
     evaluate_after: bool = field(default=True, metadata={"help": "Evaluate No-CoT / CoT / latent after training."})
+    keep_warmup_checkpoint: bool = field(default=False, metadata={
+        "help": f"Save a checkpoint at the end of the CoT warm-up (whatever --save_strategy says) and keep it as "
+                f"output_dir/{WARMUP_CHECKPOINT}, out of --save_total_limit's rotation: runs that differ from this "
+                f"one only after the warm-up continue it with --resume_from_checkpoint (examples/ablate.py)."})
 
 
 # M-RoPE: with Qwen2-VL's rope_theta 1e4 and mrope_section [6, 5, 5] at head_dim 32, the row and column sections
@@ -436,6 +445,43 @@ def backbone_of(config) -> str:
     return config.model_type
 
 
+class KeepWarmupCheckpointCallback(TrainerCallback):
+    """`--keep_warmup_checkpoint`: a checkpoint at the end of the last CoT warm-up epoch, kept as
+    `output_dir/warmup-checkpoint`. Its learning-rate schedule is the whole run's, so a run resumed from it trains
+    the rest of the curriculum exactly as this run does."""
+
+    def __init__(self, warmup_epochs):
+        self.warmup_epochs, self.step = warmup_epochs, None
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if round(state.epoch or 0) == self.warmup_epochs:
+            control.should_save = True  # the Trainer saves after the epoch-end callbacks
+            self.step = state.global_step
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step and args.should_save:  # the writer process, after the complete save
+            keep_checkpoint(Path(args.output_dir) / f"checkpoint-{self.step}",
+                            Path(args.output_dir) / WARMUP_CHECKPOINT)
+            logger.info("Kept the end of the CoT warm-up (global step %d) as %s", self.step, WARMUP_CHECKPOINT)
+
+
+def keep_checkpoint(source: Path, target: Path) -> None:
+    """`target`: a copy of the checkpoint folder `source` made of hard links (no extra disk; rotating `source` away
+    leaves it intact), written under a temporary name and renamed, so it is complete or absent."""
+    def link(src, dst):
+        try:
+            os.link(src, dst)
+        except OSError:  # a filesystem without hard links
+            shutil.copy2(src, dst)
+
+    staging = target.with_name(f"{target.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(source, staging, copy_function=link)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(staging, target)
+
+
 class WarmupEvalCallback(TrainerCallback):
     """Evaluates explicit CoT and No-CoT on the model as it stands at the end of the CoT warm-up (stage 0), before
     the curriculum turns the rationale into latents: that model is the CoT baseline of the same run."""
@@ -570,6 +616,13 @@ def parameter_checksum(model) -> tuple[float, str]:
     return total, digest.hexdigest()
 
 
+def apply_quick(args) -> None:
+    """--quick, a couple of minutes: one epoch per stage, two stages, batch 8 (the test-size model and the few
+    samples are chosen where they are built)."""
+    args.cot_warmup_epochs, args.epochs_per_stage, args.max_latent_stage = 1, 1, 2
+    args.per_device_train_batch_size, args.logging_steps = 8, 4
+
+
 def setup_run(argv=None):
     """Parses and checks every argument, then loads the data: all before any model is built or converted."""
     model_args, data_args, run_args, args, embedded, given = parse_args(argv)
@@ -579,10 +632,11 @@ def setup_run(argv=None):
     if args.device.type == "cpu":
         reason = configure_cpu_threads()
         logger.info("CPU threads per process: %d (%s)", torch.get_num_threads(), reason)
-    if run_args.quick:  # a couple of minutes: the test-size model, few samples, one epoch per stage, two stages
-        args.cot_warmup_epochs, args.epochs_per_stage, args.max_latent_stage = 1, 1, 2
-        args.per_device_train_batch_size, args.logging_steps = 8, 4
+    if run_args.quick:
+        apply_quick(args)
     validate_arguments(model_args, data_args, args, given)
+    if run_args.keep_warmup_checkpoint and curriculum_epochs(args)[0] < 1:
+        raise UsageError("--keep_warmup_checkpoint needs a CoT warm-up (--cot_warmup_epochs >= 1)")
     set_seed(args.seed)
     train_dataset = load_training_data(data_args, run_args.quick)
     eval_dataset = load_eval_data(data_args, run_args.quick)
@@ -643,7 +697,8 @@ def main(argv=None):
                                        **task_kwargs(data_args))
         test_samples = [test[i] for i in range(len(test))]
     callbacks = [WarmupEvalCallback(processor, test_samples, warmup)] if test_samples and not model_args.lora else []
-    trainer = build_trainer(model_args, args, model, processor, train_dataset, eval_dataset, callbacks)
+    keep = [KeepWarmupCheckpointCallback(warmup)] if run_args.keep_warmup_checkpoint else []
+    trainer = build_trainer(model_args, args, model, processor, train_dataset, eval_dataset, callbacks + keep)
     trainer.train(resume_from_checkpoint=resume_checkpoint(args))
     # every rank logs the checksum of the full weights (gathered under ZeRO-3): data-parallel replicas must agree
     total, digest, values = full_parameter_checksum(trainer.model)
