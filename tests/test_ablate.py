@@ -1,7 +1,10 @@
 """Retrained ablations (issue 12, item 3): examples/ablate.py end to end on the quick run (Markdown, JSON, PNG with
-the interval columns; a second call reuses every run), the variants' train.py options as train.py parses them, the
-statistics, and the no-curriculum switch."""
+the interval columns, the shared warm-ups; a second call reuses every run), the variants' train.py options as
+train.py parses them, the statistics, the no-curriculum switch, and the shared CoT warm-up: the variants marked to
+share it train the same stage 0 as full (the others do not), and at the train.py level a run continued in another
+folder from the checkpoint that `--keep_warmup_checkpoint` keeps is the uninterrupted run."""
 
+import argparse
 import importlib.util
 import json
 import os
@@ -12,10 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from vedas_trainer.ablation import (
-    Variant, ablation_markdown, build_variants, paired_bootstrap, select_variants, summarize_runs,
+    Variant, ablation_markdown, build_variants, paired_bootstrap, select_variants, summarize_runs, warmup_summary,
 )
+from vedas_trainer.testing import child_env
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -38,6 +44,24 @@ def ablate(out, *options, timeout=420):
     return result, time.time() - start
 
 
+def check_shared_warmups(out, study, table):
+    """full kept its warm-up checkpoint (evaluated once per seed); no_scfvr continued it, in the latent phase only."""
+    assert study["setup"]["shared_warmup"] is True and set(study["setup"]["warmup"]) == {"0", "1"}
+    assert "## Shared CoT warm-up" in table
+    for seed in (0, 1):
+        full = out / "runs" / "full" / f"seed{seed}"
+        record = json.loads((full / "warmup_result.json").read_text())
+        assert record["global_steps"] == 8 and record["epochs"] == pytest.approx(1.0)  # quick: 64 / 8, one epoch
+        assert len(record["cot"]["correct"]) == len(record["nocot"]["correct"]) == 32
+        row = study["setup"]["warmup"][str(seed)]
+        assert (row["cot_accuracy"], row["nocot_accuracy"]) == (record["cot"]["accuracy"], record["nocot"]["accuracy"])
+        assert f"| {seed} | 8 | {100 * row['nocot_accuracy']:.1f} | {100 * row['cot_accuracy']:.1f} |" in table
+        assert "--keep_warmup_checkpoint True" in (full / "train.log").read_text()
+        log = (out / "runs" / "no_scfvr" / f"seed{seed}" / "train.log").read_text()
+        assert f"--resume_from_checkpoint {full / 'warmup-checkpoint'}" in log
+        assert "Curriculum: epoch 1 (global step 8) trains at stage 1." in log and "at stage 0" not in log
+
+
 def test_quick_study_end_to_end_then_resumes(tmp_path):
     out = tmp_path / "study"
     result, _ = ablate(out, "--quick")
@@ -47,7 +71,8 @@ def test_quick_study_end_to_end_then_resumes(tmp_path):
     header = [line for line in table.splitlines() if line.startswith("| Variant |")][0]
     for column in ("Accuracy (%)", "Δ vs full (pp)", "95% CI (pp)", "Replay hit (%)", "Window hit (%)"):
         assert column in header
-    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ") and "---" not in line}
+    main = table.split("\n\n## ")[0]  # the variants' table, before the warm-up's section
+    rows = {line.split("|")[1].strip(): line for line in main.splitlines() if line.startswith("| ") and "---" not in line}
     assert set(rows) == {"Variant", "full", "no_scfvr"}
     study = json.loads((out / "ablation.json").read_text())
     assert study["setup"]["seeds"] == [0, 1] and study["setup"]["num_test_samples"] == 32
@@ -59,28 +84,36 @@ def test_quick_study_end_to_end_then_resumes(tmp_path):
     assert f"[{100 * vs['low']:+.1f}, {100 * vs['high']:+.1f}]" in rows["no_scfvr"]
     assert 0.0 <= full["replay_hit_rate"] <= 1.0 and ablated["replay_hit_rate"] is None  # K = 0 replays nothing
     assert (out / "ablation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    check_shared_warmups(out, study, table)
     records = {}
     for variant in ("full", "no_scfvr"):
         for seed in (0, 1):
             run = out / "runs" / variant / f"seed{seed}"
             records[run] = json.loads((run / "ablation_result.json").read_text())
             assert len(records[run]["correct"]) == 32 and records[run]["seed"] == seed
-            assert sorted(p.name for p in run.iterdir() if p.is_dir()) == ["checkpoint-final"]  # cleaned up
+            kept = ["checkpoint-final"] + (["warmup-checkpoint"] if variant == "full" else [])
+            assert sorted(p.name for p in run.iterdir() if p.is_dir()) == kept  # cleaned up
     no_replay = json.loads((out / "runs/no_scfvr/seed0/checkpoint-final/config.json").read_text())
     assert no_replay["num_replay_tokens"] == 0 and no_replay["recon_weight"] == 0.0
 
-    stamps = {run: (run / "ablation_result.json").stat().st_mtime_ns for run in records}
+    results = [run / "ablation_result.json" for run in records] + list(out.glob("runs/full/seed*/warmup_result.json"))
+    stamps = {result: result.stat().st_mtime_ns for result in results}
     again, _ = ablate(out, "--quick")
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 run(s) trained or evaluated now, 4 done earlier" in again.stdout
-    assert all((run / "ablation_result.json").stat().st_mtime_ns == stamp for run, stamp in stamps.items())
+    assert len(stamps) == 6 and all(result.stat().st_mtime_ns == stamp for result, stamp in stamps.items())
     for run in records:  # trained once: one command line in the log
         assert sum(line.startswith("$ ") for line in (run / "train.log").read_text().splitlines()) == 1
     assert (out / "ablation.md").read_text() == table
 
     other, _ = ablate(out, "--quick", "--learning_rate", "1e-3")
     assert other.returncode != 0
-    assert "was trained with other train.py options" in other.stderr.strip().splitlines()[-1]
+    refusal = other.stderr.strip().splitlines()[-1]
+    assert f"{out / 'runs' / 'full' / 'seed0'} was trained with other train.py options" in refusal
+    straight, _ = ablate(out, "--quick", "--no_shared_warmup")
+    assert straight.returncode != 0
+    assert "was trained with other train.py options (with the shared CoT warm-up, this call without)" \
+        in straight.stderr.splitlines()[-1]
 
 
 def test_variants_reach_train_py_as_options(monkeypatch, tmp_path):
@@ -129,6 +162,9 @@ def test_select_variants():
     (["--variants", "nope"], "unknown variant 'nope'"),
     (["--seeds", "1", "1"], "--seeds must differ"),
     (["--vedas_overrides", '{"window_size": 0}', "--dry_run"], "variant full: --vedas_overrides: VedasConfig.window_size"),
+    (["--keep_warmup_checkpoint", "True"], "--keep_warmup_checkpoint is set by ablate.py for every run"),
+    (["--shared_warmup", "--uniform_prob", "0.5", "--dry_run"], "--shared_warmup: --uniform_prob > 0 trains latent"),
+    (["--shared_warmup", "--cot_warmup_epochs", "0", "--dry_run"], "--shared_warmup: the runs have no CoT warm-up"),
 ])
 def test_bad_arguments_end_in_one_line(argv, message, monkeypatch, tmp_path, capsys):
     module = load_ablate(monkeypatch)
@@ -183,6 +219,28 @@ def test_summary_and_table_rows():
     assert "Runs missing (failed or not run): no_rds/seed1." in markdown
 
 
+def test_markdown_states_the_shared_warmup_and_its_accuracy_per_seed():
+    records = {seed: {"global_steps": 1400, "cot": {"accuracy": cot, "num_samples": 4},
+                      "nocot": {"accuracy": nocot, "num_samples": 4}}
+               for seed, cot, nocot in ((0, 0.75, 0.25), (1, 0.5, 0.25))}
+    summary = warmup_summary(records)
+    assert summary[1] == {"global_steps": 1400, "nocot_accuracy": 0.25, "cot_accuracy": 0.5, "num_samples": 4}
+    variants = [Variant("full", "all on"), Variant("no_rds", "no routing", {"routing_layers": []}, shares_warmup=False)]
+    runs = {("full", 0): {"accuracy": 1.0, "correct": [True]}, ("no_rds", 0): {"accuracy": 0.0, "correct": [False]}}
+    table = summarize_runs(variants, runs, n_boot=100)
+    assert table["full"]["shares_warmup"] and not table["no_rds"]["shares_warmup"]
+    setup = {"seeds": [0, 1], "num_test_samples": 4, "test_data": "synthetic", "train_options": "", "level": 0.95,
+             "n_boot": 100, "shared_warmup": True, "warmup": summary}
+    markdown = ablation_markdown(table, setup)
+    assert "a variant that changes only the latent phase continues the shared CoT warm-up of its seed" in markdown
+    assert "## Shared CoT warm-up" in markdown and "Their Train s / run is the latent phase only" in markdown
+    assert "Trained from scratch, since routing depth scaling runs in every forward pass, stage 0 included: no_rds." \
+        in markdown
+    assert "| 0 | 1400 | 25.0 | 75.0 |" in markdown and "| 1 | 1400 | 25.0 | 50.0 |" in markdown
+    straight = ablation_markdown(table, {**setup, "shared_warmup": False, "warmup": {}})
+    assert "trained from scratch" in straight and "Shared CoT warm-up" not in straight
+
+
 def test_skip_curriculum_trains_every_latent_epoch_at_the_last_stage(vedas_dirs, tmp_path):
     from vedas_trainer.checkpoint import load_vedas
     from vedas_trainer.collator import VedasCollator
@@ -200,14 +258,148 @@ def test_skip_curriculum_trains_every_latent_epoch_at_the_last_stage(vedas_dirs,
     assert stages == {False: [0, 0, 1, 2, 3, 4], True: [0, 0, 3, 3, 3, 3]}
 
 
+def test_the_variants_that_share_the_warmup_train_the_same_stage_0(vedas_dirs, tmp_path):
+    """What the shared warm-up rests on, for every variant: three CoT warm-up steps from the same weights give full's
+    losses and weights bit for bit when the variant is marked to share the warm-up, and others when it is not
+    (routing depth scaling runs in every forward pass, stage 0 included)."""
+    from vedas_trainer.checkpoint import load_vedas
+    from vedas_trainer.collator import VedasCollator
+    from vedas_trainer.synthetic import build_synthetic_dataset
+    from vedas_trainer.trainer import VedasTrainer, VedasTrainingArguments
+
+    dataset = build_synthetic_dataset(3, seed=0, split="train")
+    shared = {"routing_topk": 0.25}  # the embedded default's α (the test checkpoint routes a fixed 6 tokens)
+
+    def stage_0(variant):
+        model, processor = load_vedas(vedas_dirs["qwen2_vl"], **{**shared, **variant.overrides})
+        options = dict(zip(variant.train_options[::2], variant.train_options[1::2]))
+        args = VedasTrainingArguments(
+            output_dir=str(tmp_path / variant.name), per_device_train_batch_size=1, max_steps=3, cot_warmup_epochs=1,
+            epochs_per_stage=1, max_latent_stage=2, skip_curriculum=options.get("--skip_curriculum") == "True",
+            learning_rate=5e-3, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
+            use_cpu=True, dataloader_num_workers=0, seed=0, disable_tqdm=True)
+        collator = VedasCollator(processor, model.config, **args.collator_kwargs())
+        trainer = VedasTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+        trainer.train()
+        logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+        assert [entry["stage"] for entry in logs] == [0, 0, 0]
+        return [entry["loss"] for entry in logs], {name: p.detach() for name, p in model.named_parameters()}
+
+    variants = build_variants()
+    reference_losses, reference = stage_0(variants.pop("full"))
+    shares = {}
+    for name, variant in variants.items():
+        losses, weights = stage_0(variant)
+        shares[name] = losses == reference_losses and all(
+            torch.equal(value, reference[key]) for key, value in weights.items() if key in reference)
+    assert shares == {name: variant.shares_warmup for name, variant in variants.items()}
+    assert not shares["no_rds"] and shares["no_scfvr"]  # both kinds are there
+
+
 def test_dry_run_keeps_a_recipe_first_and_merges_its_overrides(monkeypatch, tmp_path, capsys):
     module = load_ablate(monkeypatch)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("learning_rate: 0.001\nvedas_overrides:\n  window_size: 1\n")
-    assert module.main([str(recipe), "--quick", "--variants", "no_rds", "--dry_run", "--out", str(tmp_path / "o")]) == 0
-    commands = [line.split() for line in capsys.readouterr().out.splitlines() if "train.py" in line]
-    assert len(commands) == 4  # full and no_rds x the quick seeds 0, 1
+    out = tmp_path / "o"
+    argv = [str(recipe), "--quick", "--variants", "no_rds,no_scfvr", "--dry_run", "--out", str(out)]
+    assert module.main(argv) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("# shared CoT warm-up: full keeps its checkpoint at the end of the warm-up")
+    commands = [line.split() for line in printed[1:]]
+    assert len(commands) == 6  # full, no_rds and no_scfvr x the quick seeds 0, 1
     for command in commands:
         assert command[2] == str(recipe) and command[3:6] == ["--quick", "--n_train", "64"]
-    assert "'{\"routing_layers\": [], \"window_size\": 1}'" in " ".join(commands[2])
-    assert not (tmp_path / "o").exists()  # nothing trained, nothing written
+    for command in commands[:2]:  # full keeps its warm-up checkpoint
+        assert command[-4:-2] == ["--keep_warmup_checkpoint", "True"] and "--resume_from_checkpoint" not in command
+    for command in commands[2:4]:  # no_rds changes stage 0 too: from scratch
+        assert "--resume_from_checkpoint" not in command and "--keep_warmup_checkpoint" not in command
+        assert "'{\"routing_layers\": [], \"window_size\": 1}'" in " ".join(command)
+    for seed, command in zip((0, 1), commands[4:]):  # no_scfvr continues its seed's warm-up
+        start = command.index("--resume_from_checkpoint")
+        assert command[start + 1] == str(out / "runs" / "full" / f"seed{seed}" / "warmup-checkpoint")
+    assert not out.exists()  # nothing trained, nothing written
+
+    assert module.main([*argv, "--no_shared_warmup"]) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines()]
+    assert len(commands) == 6 and not any("warmup" in command for command in commands)
+
+
+def test_shared_warmup_is_the_default_of_the_embedded_task_only(monkeypatch):
+    """A real base may run under a DeepSpeed or FSDP launcher config (invisible to ablate.py), where continuing a
+    checkpoint in another folder is untested: there the shared warm-up is asked for."""
+    module = load_ablate(monkeypatch)
+    import train
+
+    parser = module.parse_cli(["--dry_run"])[0]
+
+    def choose(flag, embedded, *options):
+        checked = {("full", 0): (train.parse_args(list(options))[3], None, embedded)}
+        return module.choose_shared_warmup(parser, argparse.Namespace(shared_warmup=flag, seeds=[0]), checked)
+
+    assert choose(None, True) is True and choose(None, False) is False
+    assert choose(True, False) is True and choose(False, True) is False
+    assert choose(None, True, "--uniform_prob", "0.3") is False  # ruled out: the default falls back
+    with pytest.raises(SystemExit):
+        choose(True, True, "--uniform_prob", "0.3")
+
+
+# ------------------------------------------------------------------------------- the shared warm-up, train.py level
+TRAIN = EXAMPLES / "train.py"
+# train.py --quick on 64 puzzles at batch 8: 8 steps per epoch; the warm-up is epoch 0 (steps 1-8), stages 1 and 2
+# are steps 9-16 and 17-24; a checkpoint every epoch, the last two kept
+COMMON = ["--quick", "--n_train", "64", "--evaluate_after", "False", "--seed", "3"]
+
+
+def train_py(tmp, name, *options):
+    result = subprocess.run([sys.executable, str(TRAIN), *COMMON, *map(str, options), "--output_dir", str(tmp / name)],
+                            cwd=REPO, env=child_env(tmp), capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, f"{name}: train.py exited {result.returncode}:\n{output[-5000:]}"
+    return output
+
+
+@pytest.fixture(scope="module")
+def warmup_runs(tmp_path_factory):
+    """A run that keeps its warm-up checkpoint, and the same options continued from that checkpoint in another
+    folder (as ablate.py runs a variant that shares full's warm-up)."""
+    tmp = tmp_path_factory.mktemp("shared_warmup")
+    outputs = {"full": train_py(tmp, "full", "--keep_warmup_checkpoint", "True")}
+    outputs["continued"] = train_py(tmp, "continued", "--resume_from_checkpoint", tmp / "full" / "warmup-checkpoint")
+    return tmp, outputs
+
+
+def trainer_logs(checkpoint):
+    return [entry for entry in json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]
+            if "loss" in entry]
+
+
+def test_the_warmup_checkpoint_is_kept_out_of_rotation(warmup_runs):
+    tmp, outputs = warmup_runs
+    full = tmp / "full"
+    assert sorted(p.name for p in full.iterdir() if p.is_dir() and "checkpoint" in p.name) == [
+        "checkpoint-16", "checkpoint-24", "checkpoint-final", "warmup-checkpoint"]  # checkpoint-8 rotated away
+    assert "Kept the end of the CoT warm-up (global step 8) as warmup-checkpoint" in outputs["full"]
+    state = json.loads((full / "warmup-checkpoint" / "trainer_state.json").read_text())
+    assert state["global_step"] == 8 and state["epoch"] == pytest.approx(1.0) and state["max_steps"] == 24
+    assert trainer_logs(full / "warmup-checkpoint") == trainer_logs(full / "checkpoint-24")[:2]  # steps 4 and 8
+    assert {p.name for p in (full / "warmup-checkpoint").iterdir()} >= {
+        "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json"}
+
+
+def test_a_run_continued_from_the_warmup_checkpoint_is_the_uninterrupted_run(warmup_runs):
+    tmp, outputs = warmup_runs
+    assert "Curriculum: epoch 1 (global step 8) trains at stage 1." in outputs["continued"]
+    assert "trains at stage 0" not in outputs["continued"]
+    full, continued = tmp / "full" / "checkpoint-24", tmp / "continued" / "checkpoint-24"
+    # bit-equal on one thread: the same steps, stages, learning rates (the cosine of the whole run) and losses (the
+    # logs of steps 1-8 come from the warm-up checkpoint), and the same weights
+    assert [entry["step"] for entry in trainer_logs(continued)] == list(range(4, 25, 4))
+    assert trainer_logs(continued) == trainer_logs(full)
+    start = load_file(tmp / "full" / "warmup-checkpoint" / "model.safetensors")
+    weights, reference = load_file(continued / "model.safetensors"), load_file(full / "model.safetensors")
+    assert weights.keys() == reference.keys()
+    assert [name for name, value in reference.items() if not torch.equal(weights[name], value)] == []
+    # not a vacuous equality: the latent phase moved the weights, token_sr (which only self-distillation trains)
+    # included
+    moved = [name for name, value in reference.items() if not torch.equal(value, start[name])]
+    assert len(moved) > len(reference) // 2 and any("token_sr" in name for name in moved)

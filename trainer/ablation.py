@@ -4,6 +4,10 @@ reports (Markdown, JSON, a PNG bar chart).
 Every variant is a set of ``train.py`` options: VedasConfig overrides (``--vedas_overrides``) and, for the curriculum,
 a training option. All variants share the base, the data, the training budget and the seeds, so for one seed two
 variants differ only in what the variant changes (the tiny base of the embedded default is built from the seed).
+Most variants change the latent phase only: the CoT warm-up (stage 0) runs no latent step, so with a shared warm-up
+it is trained once per seed (by ``full``, which keeps its checkpoint) and those variants continue from it. The RDS
+variants (``no_rds``, ``literal_eq11``, the α sweep) change stage 0 too, since routing depth scaling runs in every
+forward pass (the router statistics of stage 0 show it): they are trained from scratch (``Variant.shares_warmup``).
 
 Statistics, per variant:
 
@@ -31,6 +35,7 @@ __all__ = [
     "select_variants",
     "paired_bootstrap",
     "summarize_runs",
+    "warmup_summary",
     "ablation_markdown",
     "plot_ablation",
     "write_reports",
@@ -40,24 +45,27 @@ __all__ = [
 @dataclass(frozen=True)
 class Variant:
     """One retrained variant: VedasConfig ``overrides`` and extra ``train.py`` options, applied over the shared
-    options of every run."""
+    options of every run. ``shares_warmup``: the variant trains the same CoT warm-up as ``full`` (it changes the
+    latent phase only), so it can continue ``full``'s warm-up; tests/test_ablate.py checks this for every variant."""
 
     name: str
     description: str
     overrides: Mapping[str, Any] = field(default_factory=dict)
     train_options: tuple[str, ...] = ()
+    shares_warmup: bool = True
 
 
 CORE = (
     Variant("full", "everything on (the shared options)"),
-    Variant("no_rds", "without RDS: no routing layers", {"routing_layers": []}),
+    Variant("no_rds", "without RDS: no routing layers", {"routing_layers": []}, shares_warmup=False),
     Variant("no_scfvr", "without SCF-VR: no replay (K = 0), λ = 0", {"num_replay_tokens": 0, "recon_weight": 0.0}),
     Variant("no_distill", "without self-distillation: replay kept, λ = 0", {"recon_weight": 0.0}),
     Variant("no_curriculum", "without the curriculum: all steps latent from the first latent epoch", {},
             ("--skip_curriculum", "True")),
     Variant("sequential_positions", "replay slots at sequential positions", {"replay_positions": "sequential"}),
     Variant("soft_mix", "replay as one soft-mixed token", {"replay_mode": "soft_mix"}),
-    Variant("literal_eq11", "Eq. 11 as printed: every token scaled by 1 + e(d)", {"depth_residual": "literal"}),
+    Variant("literal_eq11", "Eq. 11 as printed: every token scaled by 1 + e(d)", {"depth_residual": "literal"},
+            shares_warmup=False),
 )
 
 
@@ -72,7 +80,7 @@ def build_variants(sweep_k: Sequence[int] = (1, 4), sweep_window: Sequence[int] 
     sweeps = [Variant(f"K{k}", f"K = {k} replayed tokens", {"num_replay_tokens": int(k)}) for k in sweep_k]
     sweeps += [Variant(f"W{w}", f"crop window W = {w}", {"window_size": int(w)}) for w in sweep_window]
     sweeps += [Variant(f"alpha{_number(a)}", f"α = {_number(a)} routed tokens",
-                       {"routing_topk": int(a) if float(a).is_integer() and a >= 1 else float(a)})
+                       {"routing_topk": int(a) if float(a).is_integer() and a >= 1 else float(a)}, shares_warmup=False)
                for a in sweep_alpha]
     variants.update((v.name, v) for v in sweeps)
     return variants
@@ -147,13 +155,21 @@ def summarize_runs(variants: Sequence[Variant], runs: Mapping[tuple[str, int], M
             grounding[key] = _mean_std([(run.get("grounding") or {}).get(key) for run in mine.values()])[0]
         table[variant.name] = {
             "description": variant.description, "overrides": dict(variant.overrides),
-            "train_options": list(variant.train_options), "seeds": sorted(mine), "accuracy_per_seed": accuracy,
+            "train_options": list(variant.train_options), "shares_warmup": variant.shares_warmup,
+            "seeds": sorted(mine), "accuracy_per_seed": accuracy,
             "accuracy_mean": mean, "accuracy_std": std, **grounding,
             "vs_full": None if variant.name == "full" else paired_bootstrap(
                 full, {seed: run["correct"] for seed, run in mine.items()}, n_boot),
             "train_seconds_mean": _mean_std([run.get("train_seconds") for run in mine.values()])[0],
         }
     return table
+
+
+def warmup_summary(records: Mapping[int, Mapping[str, Any]]) -> dict:
+    """Per seed, the shared warm-up's steps and its No-CoT / CoT accuracy (from its evaluation record)."""
+    return {seed: {"global_steps": record["global_steps"], "nocot_accuracy": record["nocot"]["accuracy"],
+                   "cot_accuracy": record["cot"]["accuracy"], "num_samples": record["cot"]["num_samples"]}
+            for seed, record in sorted(records.items())}
 
 
 # ----------------------------------------------------------------------------------------------------- reports
@@ -172,11 +188,33 @@ def _row(name: str, row: Mapping[str, Any]) -> str:
             f"{_pct(row['replay_hit_rate'])} | {_pct(row['window_hit_rate'])} | {chance} | {seconds} |")
 
 
+def _warmup_lines(table: Mapping[str, Mapping[str, Any]], setup: Mapping[str, Any]) -> list[str]:
+    """What the shared warm-up is, which variants continue it, and its No-CoT / CoT accuracy per seed."""
+    if not setup.get("shared_warmup"):
+        return []
+    scratch = [name for name, row in table.items() if not row.get("shares_warmup", True)]
+    lines = ["", "## Shared CoT warm-up", "",
+             "Stage 0 (explicit CoT) runs no latent step, so a variant that changes only the latent phase trains the "
+             "same model there as full: full keeps its checkpoint at the end of the warm-up, and those variants "
+             "continue from it (weights, optimizer, learning-rate schedule of the whole run, RNG), exactly as if "
+             "they had trained the warm-up themselves. Their Train s / run is the latent phase only."
+             + (f" Trained from scratch, since routing depth scaling runs in every forward pass, stage 0 included: "
+                f"{', '.join(scratch)}." if scratch else ""),
+             "", "The warm-up model of each seed on the same test samples (its CoT baseline):", "",
+             "| Seed | Warm-up steps | No-CoT (%) | CoT (%) |", "|---|---|---|---|"]
+    for seed, row in setup.get("warmup", {}).items():
+        lines.append(f"| {seed} | {row['global_steps']} | {_pct(row['nocot_accuracy'])} | "
+                     f"{_pct(row['cot_accuracy'])} |")
+    return lines
+
+
 def ablation_markdown(table: Mapping[str, Mapping[str, Any]], setup: Mapping[str, Any]) -> str:
     """The ablation table with a header that states the shared setup."""
+    start = (" (a variant that changes only the latent phase continues the shared CoT warm-up of its seed, below)"
+             if setup.get("shared_warmup") else " from scratch")
     lines = [
         "# Retrained ablations", "",
-        f"Every variant is trained from scratch with the same options, data and seeds ({setup['seeds']}) and "
+        f"Every variant is trained{start} with the same options, data and seeds ({setup['seeds']}) and "
         f"evaluated in the latent mode on the same {setup['num_test_samples']} test samples "
         f"({setup['test_data']}).", "",
         f"Shared `train.py` options: `{setup['train_options'] or '(the embedded default)'}`.", "",
@@ -189,6 +227,7 @@ def ablation_markdown(table: Mapping[str, Mapping[str, Any]], setup: Mapping[str
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [_row(name, row) for name, row in table.items()]
+    lines += _warmup_lines(table, setup)
     if setup.get("missing"):
         lines += ["", f"Runs missing (failed or not run): {', '.join(setup['missing'])}."]
     return "\n".join(lines) + "\n"
