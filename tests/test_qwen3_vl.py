@@ -4,7 +4,8 @@ in the crop re-encoding, the tiny base and conversion command lines, and the qui
 
 The equivalences every backbone shares (converted == base, cache == no cache, batch == singles, save -> load,
 T = 0 == base generate, the properties, remote code in a fresh process) run on Qwen3-VL through the backbone lists
-of test_foundation, test_latent, test_generation, test_model_conventions and test_properties (tests/backbones.py).
+of test_foundation, test_latent, test_generation, test_model_conventions and test_properties
+(`ALL_BACKBONES` in tests/conftest.py), as they do on Chameleon.
 """
 
 import importlib.util
