@@ -346,7 +346,7 @@ class VedasDecoderLayerMixin:
         if past_key_values is not None and len(past_key_values.layers) > self.layer_idx:
             keys = past_key_values.layers[self.layer_idx].keys  # (b, kv_heads, n, d), rotary already applied
         else:  # no cache (e.g. under gradient checkpointing): the keys of this forward are all the keys
-            keys = self._heads(attn.k_proj, getattr(attn, "k_norm", None), hidden_states)
+            keys = self._heads(attn.k_proj, getattr(attn, "k_norm", None), hidden_states).transpose(1, 2)
             keys = _rotate(keys, *position_embeddings)
         query = self._last_query(hidden_states, state.last_rotary(position_embeddings))  # (b * kv_heads, groups, d)
         batch, kv_heads, length, head_dim = keys.shape
@@ -367,11 +367,7 @@ class VedasDecoderLayerMixin:
         and grouped by key-value head: `(batch * kv_heads, groups, head_dim)`. As the backbone's attention computes
         it, for one token: 2-D, `(batch, heads, head_dim)`, so that no per-layer view or transpose adds a token axis."""
         attn = self.self_attn
-        query = attn.q_proj(self.input_layernorm(hidden_states[:, -1]))
-        query = query.view(query.shape[0], -1, attn.head_dim)
-        q_norm = getattr(attn, "q_norm", None)
-        if q_norm is not None:
-            query = q_norm(query)
+        query = self._heads(attn.q_proj, getattr(attn, "q_norm", None), hidden_states[:, -1])  # (b, heads, d)
         cos, signed_sin = rotary
         # x * cos + rotate_half(x) * sin, with rotate_half(x) * sin = roll(x) * signed_sin to the bit (a product's
         # sign flips exactly)
@@ -379,14 +375,13 @@ class VedasDecoderLayerMixin:
         return query.view(-1, attn.num_key_value_groups, attn.head_dim)
 
     def _heads(self, projection, head_norm, hidden_states):
-        """Keys `(batch, kv_heads, l, head_dim)` of the layer input `(batch, l, hidden)`, before the rotary embedding,
-        as the backbone's attention computes them: Qwen3-VL normalises each head (`k_norm`, an RMSNorm over
-        head_dim) between the projection and the rotation; Qwen2-VL / Qwen2.5-VL have no such norm."""
+        """Queries or keys `(..., heads, head_dim)` of the layer input `(..., hidden)` (a sequence `(batch, l, hidden)`
+        or one token `(batch, hidden)`), before the rotary embedding, as the backbone's attention computes them:
+        Qwen3-VL normalises each head (`q_norm`, `k_norm`, an RMSNorm over head_dim) between the projection and the
+        rotation; Qwen2-VL / Qwen2.5-VL have no such norm."""
         states = projection(self.input_layernorm(hidden_states))
-        states = states.view(*states.shape[:2], -1, self.self_attn.head_dim)
-        if head_norm is not None:
-            states = head_norm(states)
-        return states.transpose(1, 2)
+        states = states.view(*states.shape[:-1], -1, self.self_attn.head_dim)
+        return states if head_norm is None else head_norm(states)
 
     # ----------------------------------------------------------------- routing
     def router_scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
