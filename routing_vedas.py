@@ -246,14 +246,20 @@ class VedasDecoderLayerMixin:
             self.depth_step_embed = DepthStepEmbedding(vedas_config.max_depth, config.hidden_size)
 
     def __call__(self, hidden_states, *args, vedas_state: VedasForwardState | None = None, **kwargs):
-        """The layer, then its saliency row, computed outside any checkpoint: reentrant checkpointing runs the
-        layer without grad, which would cut the gradient that the replay weights send to q_proj and k_proj through
-        the saliency. The row reads only the layer's input, its weights and the cache the layer just filled.
+        """The layer and its saliency row (the last query projected before the layer runs, q·k on the keys after
+        it), computed outside any checkpoint: reentrant checkpointing runs the layer without grad, which would cut
+        the gradient that the replay weights send to q_proj and k_proj through the saliency. The row reads only the
+        layer's input, its weights and the cache the layer just filled.
 
         Under gradient checkpointing with a `VedasCache` (the latent forward's passes), the layer is checkpointed
         here with its cache as explicit inputs and outputs (`_checkpoint_with_cache`), so that the passes keep
         reusing the prefix's keys and values. Otherwise transformers checkpoints it, and drops any cache."""
         cache = kwargs.get(CACHE_ARG, kwargs.get("past_key_values"))
+        query = None
+        if vedas_state is not None and vedas_state.saliency_columns is not None:
+            # the last query before the layer runs: its q_proj then finds the weights this projection just read
+            # still in the CPU cache (after the layer, its MLP has evicted them; about 2% of a latent generate)
+            query = self._last_query(hidden_states, vedas_state.last_rotary(kwargs["position_embeddings"]))
         checkpointing = self.gradient_checkpointing and self.training
         if checkpointing and isinstance(cache, VedasCache):
             output = self._checkpoint_with_cache(hidden_states, args, kwargs, cache, vedas_state)
@@ -261,8 +267,8 @@ class VedasDecoderLayerMixin:
             output = super().__call__(hidden_states, *args, vedas_state=vedas_state, **kwargs)
             if checkpointing:  # the checkpointed layer ran without the cache
                 cache = None
-        if vedas_state is not None and vedas_state.saliency_columns is not None:
-            self._add_saliency(hidden_states, kwargs["position_embeddings"], cache, vedas_state)
+        if query is not None:
+            self._add_saliency(hidden_states, query, kwargs["position_embeddings"], cache, vedas_state)
         return output
 
     # ------------------------------------------------------- checkpointing with a cache
@@ -337,8 +343,9 @@ class VedasDecoderLayerMixin:
         return hidden_states
 
     # ---------------------------------------------------------------- saliency
-    def _add_saliency(self, hidden_states, position_embeddings, past_key_values, state: VedasForwardState):
-        """Attention of the last query over all keys `(batch, n)`, averaged over heads; added to the state.
+    def _add_saliency(self, hidden_states, query, position_embeddings, past_key_values, state: VedasForwardState):
+        """Attention of the last query (`_last_query`: `(batch * kv_heads, groups, head_dim)`) over all keys
+        `(batch, n)`, averaged over heads; added to the state.
 
         Only one attention row is computed (from q·k, so it carries gradient); no attention map is materialised.
         """
@@ -348,7 +355,6 @@ class VedasDecoderLayerMixin:
         else:  # no cache (e.g. under gradient checkpointing): the keys of this forward are all the keys
             keys = self._heads(attn.k_proj, getattr(attn, "k_norm", None), hidden_states).transpose(1, 2)
             keys = _rotate(keys, *position_embeddings)
-        query = self._last_query(hidden_states, state.last_rotary(position_embeddings))  # (b * kv_heads, groups, d)
         batch, kv_heads, length, head_dim = keys.shape
         # q·k and the softmax in fp32 even under autocast (which would run the matmul in bf16/fp16): over thousands
         # of keys the row's probabilities are ~1e-4 each, and their differences decide which tokens are replayed

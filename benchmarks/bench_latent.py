@@ -333,7 +333,8 @@ def profile_latent(vedas, base, inputs, runs=3, top=12):
                               min_new_tokens=ANSWER, max_new_tokens=ANSWER)
 
     targets = [(VedasMixin, "_latent_forward"), (GenerationMixin, "generate"),
-               (VedasDecoderLayerMixin, "_add_saliency"), (VedasDecoderLayerMixin, "_route"),
+               (VedasDecoderLayerMixin, "_add_saliency"), (VedasDecoderLayerMixin, "_last_query"),
+               (VedasDecoderLayerMixin, "_route"),
                (VedasDecoderLayerMixin, "_second_pass"), (VedasMixin, "_embed")]
     ours, ideal = [], []
     latent()
@@ -355,7 +356,8 @@ def profile_latent(vedas, base, inputs, runs=3, top=12):
         ("prefill + 4 latent chunks (`_latent_forward`) vs prefill + 4 chunks", med(ours, "_latent_forward"),
          med(ideal, "prefill") + med(ideal, "chunks")),
         ("  of which vision tower + embeddings (`_embed`)", med(ours, "_embed"), None),
-        ("  of which saliency rows (`_add_saliency`)", med(ours, "_add_saliency"), None),
+        ("  of which saliency rows (`_last_query` + `_add_saliency`)",
+         med(ours, "_last_query") + med(ours, "_add_saliency"), None),
         ("  of which RDS (`_route`: router, selection, second pass)", med(ours, "_route"), None),
         ("answer: HF generate loop vs 4 bare decode forwards", med(ours, "generate"), med(ideal, "decode")),
         ("total", med(ours, "total"), med(ideal, "total")),
