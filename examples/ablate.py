@@ -114,6 +114,9 @@ def parse_cli(argv=None):
                              "checkpoint-final)")
     parser.add_argument("--verbose", action="store_true", help="show train.py's output (default: each run's train.log)")
     parser.add_argument("--dry_run", action="store_true", help="check every run's options, print the commands, stop")
+    parser.add_argument("--report_only", action="store_true",
+                        help="write the reports from the runs finished so far, training and evaluating nothing (a "
+                             "study over several sittings; safe while another ablate.py trains into --out)")
     args, passthrough = parser.parse_known_args(argv)
     if "WORLD_SIZE" in os.environ or "LOCAL_RANK" in os.environ:
         parser.error("run ablate.py with plain python; give the launcher of the runs as --launcher \"accelerate "
@@ -419,9 +422,18 @@ def one_run(variant, seed, options, run_dir, args, samples, test_spec, training_
     return record, False, ""
 
 
+def finished_record(path: Path, test_spec) -> dict | None:
+    """A run's (or a warm-up's) record when it exists and was evaluated on the same test samples."""
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("test") == test_spec else None
+
+
 def run_study(plan, layout, args, samples, test_spec, checked):
     """Every run of the plan, with a progress bar (full first, which keeps the warm-up the others may continue);
-    returns ({(variant, seed): record}, {seed: warm-up record}, reused count, failures)."""
+    returns ({(variant, seed): record}, {seed: warm-up record}, reused count, failures). With `--report_only`, only
+    the finished records (the others count as failures: not run yet)."""
     from tqdm.auto import tqdm
 
     runs, warmups, reused, failed = {}, {}, 0, []
@@ -429,6 +441,16 @@ def run_study(plan, layout, args, samples, test_spec, checked):
     for variant, seed in bar:
         bar.set_postfix_str(f"{variant.name} seed {seed}")
         run_dir = layout.run_dir(variant, seed)
+        if args.report_only:
+            record = finished_record(run_dir / RESULT, test_spec)
+            if record is None:
+                failed.append(f"{variant.name}/seed{seed}")
+                continue
+            runs[(variant.name, seed)], reused = record, reused + 1
+            warmup = finished_record(run_dir / WARMUP_RESULT, test_spec) if variant.name == "full" else None
+            if warmup is not None:
+                warmups[seed] = warmup
+            continue
         if layout.continues_warmup(variant) and not layout.warmup_checkpoint(seed).is_dir():
             failed.append(f"{variant.name}/seed{seed}")
             tqdm.write(f"ablate.py: {variant.name} seed {seed} not run: no warm-up checkpoint "
@@ -504,8 +526,9 @@ def main(argv=None) -> int:
     paths = write_reports(out, table, setup, chance_level(data_args, test_spec))
     print(paths["markdown"].read_text())
     print("Wrote " + ", ".join(str(p) for p in paths.values()) + f" ({len(runs) - reused} run(s) trained or "
-          f"evaluated now, {reused} done earlier, {len(failed)} failed; {time.time() - started:.0f} s)")
-    return 1 if failed else 0
+          f"evaluated now, {reused} done earlier, {len(failed)} {'not run yet' if args.report_only else 'failed'}; "
+          f"{time.time() - started:.0f} s)")
+    return 1 if failed and not args.report_only else 0
 
 
 if __name__ == "__main__":

@@ -106,6 +106,21 @@ def test_quick_study_end_to_end_then_resumes(tmp_path):
         assert sum(line.startswith("$ ") for line in (run / "train.log").read_text().splitlines()) == 1
     assert (out / "ablation.md").read_text() == table
 
+    # --report_only reports the finished runs and trains or evaluates nothing, not even a run that has its
+    # checkpoint but no record (which a plain call would evaluate)
+    record = out / "runs/no_scfvr/seed1/ablation_result.json"
+    saved = record.read_text()
+    record.unlink()
+    partial, _ = ablate(out, "--quick", "--report_only")
+    assert partial.returncode == 0, partial.stderr[-3000:]
+    assert "0 run(s) trained or evaluated now, 3 done earlier, 1 not run yet" in partial.stdout
+    assert not record.exists()
+    assert "Runs missing (failed or not run): no_scfvr/seed1." in (out / "ablation.md").read_text()
+    assert json.loads((out / "ablation.json").read_text())["variants"]["no_scfvr"]["seeds"] == [0]
+    record.write_text(saved)
+    assert ablate(out, "--quick", "--report_only")[0].returncode == 0
+    assert (out / "ablation.md").read_text() == table
+
     other, _ = ablate(out, "--quick", "--learning_rate", "1e-3")
     assert other.returncode != 0
     refusal = other.stderr.strip().splitlines()[-1]
