@@ -381,16 +381,23 @@ def evaluate_warmup(checkpoint: Path, samples, batch_size: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- the study
+def finished_record(path: Path, test_spec) -> dict | None:
+    """A run's (or a warm-up's) record when it exists and was evaluated on the same test samples."""
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("test") == test_spec else None
+
+
 def one_warmup(run_dir: Path, seed, samples, test_spec, batch_size: int):
     """The CoT and No-CoT evaluation of full's warm-up checkpoint in `run_dir`, reused when done on the same test
     samples; None when the run kept no warm-up checkpoint. Returns (record or None, whether reused)."""
     import train
 
     result, checkpoint = run_dir / WARMUP_RESULT, run_dir / train.WARMUP_CHECKPOINT
-    if result.is_file():
-        record = json.loads(result.read_text())
-        if record.get("test") == test_spec:
-            return record, True
+    record = finished_record(result, test_spec)
+    if record is not None:
+        return record, True
     if not checkpoint.is_dir():
         return None, False
     state = json.loads((checkpoint / "trainer_state.json").read_text())
@@ -404,10 +411,9 @@ def one_run(variant, seed, options, run_dir, args, samples, test_spec, training_
     """A run's record: reused when present with the same options and test samples, else trained and evaluated.
     Returns (record or None, whether it was reused, the error line)."""
     result = run_dir / RESULT
-    if result.is_file():
-        record = json.loads(result.read_text())
-        if record.get("test") == test_spec:
-            return record, True, ""
+    record = finished_record(result, test_spec)
+    if record is not None:
+        return record, True, ""
     if not ((run_dir / "checkpoint-final").is_dir() and (run_dir / "report.json").is_file()):
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "ablation_run.json").write_text(json.dumps({"train_options": fingerprint(options)}, indent=1))
@@ -420,14 +426,6 @@ def one_run(variant, seed, options, run_dir, args, samples, test_spec, training_
     if not args.keep_checkpoints:
         clean_run(run_dir)
     return record, False, ""
-
-
-def finished_record(path: Path, test_spec) -> dict | None:
-    """A run's (or a warm-up's) record when it exists and was evaluated on the same test samples."""
-    if not path.is_file():
-        return None
-    record = json.loads(path.read_text())
-    return record if record.get("test") == test_spec else None
 
 
 def run_study(plan, layout, args, samples, test_spec, checked):
