@@ -705,14 +705,20 @@ def main(argv=None):
     logger.info("rank %d parameter checksum %.6f sha256 %s (global step %d)", args.process_index, total, digest,
                 trainer.state.global_step)
     logger.info("rank %d checksummed %d parameter values", args.process_index, values)
-    final = final_model(trainer, model_args)  # every rank takes part (ZeRO-3 gathers); whole on the main process
-    if trainer.is_world_process_zero():
-        record = training_record(trainer, args, model.config)
-        with outside_zero3_init():  # the whole model generates alone (no `synced_gpus` waiting for the other ranks)
-            final_dir = write_outputs(trainer, final, processor, model_args, data_args, run_args, args, embedded,
-                                      test_samples, callbacks, record, started, len(train_dataset))
-        if push_repo:  # a push that cannot happen (offline, no network) prints why and the command to push later
-            push_after_training(final_dir, push_repo, token=args.hub_token, private=bool(args.hub_private_repo))
+    try:
+        final = final_model(trainer, model_args)  # every rank takes part (ZeRO-3 gathers); whole on the main process
+        if trainer.is_world_process_zero():
+            record = training_record(trainer, args, model.config)
+            with outside_zero3_init():  # the whole model generates alone (no `synced_gpus` waiting for other ranks)
+                final_dir = write_outputs(trainer, final, processor, model_args, data_args, run_args, args, embedded,
+                                          test_samples, callbacks, record, started, len(train_dataset))
+            if push_repo:  # a push that cannot happen (offline, no network) prints why and the command to push later
+                push_after_training(final_dir, push_repo, token=args.hub_token, private=bool(args.hub_private_repo))
+    finally:
+        # after the last collective every rank destroys its process group: a gloo process that exits with the group
+        # alive can abort in the interpreter's teardown ("terminate called without an active exception", SIGABRT),
+        # and the launcher then kills the main process in the middle of writing its outputs
+        trainer.accelerator.end_training()
 
 
 def final_model(trainer, model_args):
