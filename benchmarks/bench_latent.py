@@ -19,6 +19,10 @@ Variants (greedy; the answer length is forced with `min_new_tokens = max_new_tok
                    4 chunks of K + 1 = 33 embeddings on its warm `DynamicCache`, then 4 one-token decode forwards.
                    This is the least work a latent step can cost.
 * `ideal No-CoT`   the same loop without the chunks (prefill + 4 decode forwards): the bare cost of No-CoT.
+* `ideal latent + RDS passes` the ideal latent loop plus, after each routing layer's own pass, the plain layer
+                   once more over as many tokens as Vedas's RDS second pass re-ran there (recorded from one Vedas
+                   latent generate): the least work of the method with RDS on. Vedas latent over it is what
+                   Vedas's own work (saliency rows, router, selection, masks, replay) costs.
 * `base generate`  the plain base model's own `generate`, 4 tokens (HF generation-loop overhead, for context).
 
 Saliency memory: the prefill of the prompt is profiled with `torch.profiler(profile_memory=True)` and the peak of
@@ -88,6 +92,7 @@ from vedas_trainer.tiny_base import TinySizes, build_tiny_base  # noqa: E402
 
 
 STEPS, REPLAY, ANSWER = 4, 32, 4
+FLOOR = "ideal latent + RDS passes (base)"  # the variant that sets the least RDS can cost (`floor_loop`)
 SIZES = {
     "tiny": TinySizes(),
     # hidden 512, 8 layers, 8 heads (head_dim 64 -> mrope sums to 32), 4 kv heads; vision tower stays small
@@ -137,12 +142,81 @@ def bare_loop(base, inputs, steps, chunk, new_tokens):
         token = out.logits[:, -1].argmax(-1, keepdim=True)
 
 
+@contextlib.contextmanager
+def _wrapped(owner, name, make_wrapper):
+    """`owner.name` replaced by `make_wrapper(original)` inside the block."""
+    original = getattr(owner, name)
+    setattr(owner, name, make_wrapper(original))
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+@torch.no_grad()
+def second_pass_widths(run) -> dict:
+    """What RDS re-ran in one Vedas call `run()`: `{(layer, main pass index): [(depth, tokens), ...]}`, one entry
+    per second pass (a depth step whose selection is empty runs none)."""
+    from vedas.routing_vedas import VedasDecoderLayerMixin as Layer
+
+    calls, widths = {}, {}
+
+    def counting(route):  # a routing layer's main pass runs its depth steps 0, 1, ... in order
+        def wrapper(self, hidden_states, depth, *args, **kwargs):
+            if depth == 0:
+                calls[self.layer_idx] = calls.get(self.layer_idx, 0) + 1
+            return route(self, hidden_states, depth, *args, **kwargs)
+        return wrapper
+
+    def recording(second_pass):
+        def wrapper(self, h_sel, *args, key, **kwargs):
+            widths.setdefault((key[0], calls[key[0]] - 1), []).append((key[1], h_sel.shape[1]))
+            return second_pass(self, h_sel, *args, key=key, **kwargs)
+        return wrapper
+
+    with _wrapped(Layer, "_route", counting), _wrapped(Layer, "_second_pass", recording):
+        run()
+    return widths
+
+
+@torch.no_grad()
+def floor_loop(base, inputs, steps, chunk, new_tokens, widths):
+    """`bare_loop` plus the least work of routing depth scaling: after each routing layer's own pass, the plain
+    backbone layer once more over as many tokens as Vedas's second pass re-ran there (`second_pass_widths`), on its
+    own cache per (layer, depth), with no router, selection, mask or residual bookkeeping. Vedas latent over this
+    loop is what Vedas's own work costs beyond the passes that the method needs."""
+    layers = base.model.language_model.layers
+    calls, caches = {}, {}
+
+    def rerun(module, args, kwargs, output):
+        index = module.self_attn.layer_idx
+        call = calls[index] = calls.get(index, -1) + 1
+        hidden = output[0] if isinstance(output, tuple) else output
+        cos, sin = kwargs["position_embeddings"]
+        for depth, width in widths.get((index, call), ()):
+            cache = caches.setdefault((index, depth), DynamicCache(config=base.config.text_config))
+            # forward, not __call__: this hook must not fire again
+            module.forward(hidden[:, :width], position_embeddings=(cos[:, :width], sin[:, :width]),
+                           past_key_values=cache, use_cache=True)
+        return output
+
+    routing = sorted({index for index, _ in widths})
+    handles = [layers[i].register_forward_hook(rerun, with_kwargs=True) for i in routing]
+    try:
+        bare_loop(base, inputs, steps, chunk, new_tokens)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
 def make_variants(base, vedas, vedas_off, inputs, cot_tokens):
     def gen(model, steps, new_tokens, **extra):
         return lambda: model.generate(**inputs, num_latent_steps=steps, num_replay_tokens=REPLAY, do_sample=False,
                                       min_new_tokens=new_tokens, max_new_tokens=new_tokens, **extra)
 
     answer = dict(min_new_tokens=ANSWER, max_new_tokens=ANSWER, do_sample=False)
+    widths = second_pass_widths(gen(vedas, STEPS, ANSWER))
     return {
         "No-CoT (T=0, 4 tok)": gen(vedas, 0, ANSWER),
         "latent (T=4, K=32, cached)": gen(vedas, STEPS, ANSWER),
@@ -151,6 +225,7 @@ def make_variants(base, vedas, vedas_off, inputs, cot_tokens):
         f"CoT (T=0, {cot_tokens} tok)": gen(vedas, 0, cot_tokens),
         "ideal latent (base, bare loop)": lambda: bare_loop(base, inputs, STEPS, REPLAY + 1, ANSWER),
         "ideal No-CoT (base, bare loop)": lambda: bare_loop(base, inputs, 0, REPLAY + 1, ANSWER),
+        FLOOR: lambda: floor_loop(base, inputs, STEPS, REPLAY + 1, ANSWER, widths),
         "base generate (4 tok)": lambda: base.generate(**inputs, **answer),
     }
 
@@ -379,6 +454,8 @@ RATIOS = [  # (label, numerator, denominator, note); names as in make_variants
      "the least a latent phase costs"),
     ("No-CoT / ideal No-CoT", "No-CoT (T=0, 4 tok)", "ideal No-CoT (base, bare loop)", "generate + RDS, no latents"),
     ("latent RDS-off / ideal latent", "latent, RDS off", "ideal latent (base, bare loop)", "target ≤ 1.05"),
+    ("ideal + RDS passes / ideal latent", FLOOR, "ideal latent (base, bare loop)", "the least RDS can cost"),
+    ("latent / ideal + RDS passes", "latent (T=4, K=32, cached)", FLOOR, "Vedas's own work: saliency, bookkeeping"),
     ("latent / latent RDS-off", "latent (T=4, K=32, cached)", "latent, RDS off", "RDS cost in latent generate"),
     ("base generate / ideal No-CoT", "base generate (4 tok)", "ideal No-CoT (base, bare loop)", "HF loop overhead"),
 ]
