@@ -249,6 +249,44 @@ def _make_distractors(rng: random.Random, grid: int, prob: float) -> list[dict[s
     return distractors
 
 
+def _check_task(grid, n_colours, form, arrow_sizes, style, arrow_placement):
+    """`make_sample`'s settings, checked before any drawing (one clear error naming the bad value)."""
+    if not 2 <= grid <= MAX_GRID:
+        raise ValueError(f"grid must be in [2, {MAX_GRID}], got {grid}")
+    if not 2 <= n_colours <= len(COLOURS):
+        raise ValueError(f"n_colours must be in [2, {len(COLOURS)}], got {n_colours}")
+    if style not in ("tiles", "arrows"):
+        raise ValueError(f"style must be 'tiles' or 'arrows', got {style!r}")
+    if arrow_placement not in ARROW_PLACEMENTS:
+        raise ValueError(f"arrow_placement must be one of {ARROW_PLACEMENTS}, got {arrow_placement!r}")
+    if form not in (None, "short", "mc"):
+        raise ValueError(f"form must be None, 'short' or 'mc', got {form!r}")
+    if max(arrow_sizes) > CELL_PX // 2 - 5 or min(arrow_sizes) < 3:
+        raise ValueError("arrow_sizes must lie in [3, 9] px so arrows stay clear of grid lines")
+
+
+def _draw_cells(rng: random.Random, grid: int, palette: list[str]) -> list[list[list[str]]]:
+    """`[colour, direction]` per cell, row by row; a cell only points where a neighbour is, so every path is well
+    defined."""
+    cells = []
+    for row in range(grid):
+        cells.append([])
+        for col in range(grid):
+            inside = [name for name, (d_row, d_col) in DIRECTIONS.items()
+                      if 0 <= row + d_row < grid and 0 <= col + d_col < grid]
+            cells[row].append([rng.choice(palette), rng.choice(inside)])
+    return cells
+
+
+def _rationale(cells, path) -> list[str]:
+    """One CoT step per visited cell: where it is, its colour and where its arrow points."""
+    steps = []
+    for i, (row, col) in enumerate(path):
+        colour, direction = cells[row][col]
+        steps.append(_step_text("start" if i == 0 else f"step {i}", row, col, colour, direction))
+    return steps
+
+
 def make_sample(
     seed_or_rng: int | str | random.Random,
     grid: int = 3,
@@ -290,36 +328,13 @@ def make_sample(
         ``question_kwargs`` (``n_moves``, ``form``, ``choices``): ``solve(scene, question_kwargs)``
         recomputes ``answer`` from them alone.
     """
-    if not 2 <= grid <= MAX_GRID:
-        raise ValueError(f"grid must be in [2, {MAX_GRID}], got {grid}")
-    if not 2 <= n_colours <= len(COLOURS):
-        raise ValueError(f"n_colours must be in [2, {len(COLOURS)}], got {n_colours}")
-    if style not in ("tiles", "arrows"):
-        raise ValueError(f"style must be 'tiles' or 'arrows', got {style!r}")
-    if arrow_placement not in ARROW_PLACEMENTS:
-        raise ValueError(f"arrow_placement must be one of {ARROW_PLACEMENTS}, got {arrow_placement!r}")
-    if form not in (None, "short", "mc"):
-        raise ValueError(f"form must be None, 'short' or 'mc', got {form!r}")
-    if max(arrow_sizes) > CELL_PX // 2 - 5 or min(arrow_sizes) < 3:
-        raise ValueError("arrow_sizes must lie in [3, 9] px so arrows stay clear of grid lines")
-
+    _check_task(grid, n_colours, form, arrow_sizes, style, arrow_placement)
     rng = _as_rng(seed_or_rng)
     moves = _pick_n_moves(rng, n_moves)
     if not 1 <= moves <= MAX_MOVES:
         raise ValueError(f"n_moves must be in [1, {MAX_MOVES}], got {moves}")
     palette = list(COLOURS)[:n_colours]
-
-    cells: list[list[list[str]]] = []
-    for row in range(grid):
-        cells.append([])
-        for col in range(grid):
-            # Only directions that stay inside the grid, so every path is well defined.
-            inside = [
-                name
-                for name, (d_row, d_col) in DIRECTIONS.items()
-                if 0 <= row + d_row < grid and 0 <= col + d_col < grid
-            ]
-            cells[row].append([rng.choice(palette), rng.choice(inside)])
+    cells = _draw_cells(rng, grid, palette)
     sizes = [[rng.choice(arrow_sizes) for _ in range(grid)] for _ in range(grid)]
     start = [rng.randrange(grid), rng.randrange(grid)]
     path = _follow(cells, start, moves)
@@ -347,14 +362,10 @@ def make_sample(
     question_kwargs = {"n_moves": moves, "form": form, "choices": choices}
     answer = solve(scene, question_kwargs)
 
-    steps = []
-    for i, (row, col) in enumerate(path):
-        colour, direction = cells[row][col]
-        steps.append(_step_text("start" if i == 0 else f"step {i}", row, col, colour, direction))
+    steps = _rationale(cells, path)
     if choices is not None:
         # Make the colour -> letter lookup an explicit, supervised step as well.
         steps[-1] += f" , {final_colour} is option {answer}"
-
     if sample_id is None:
         sample_id = f"arrows-{seed_or_rng}" if isinstance(seed_or_rng, (int, str)) else "arrows"
     return {
