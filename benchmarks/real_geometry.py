@@ -356,46 +356,51 @@ def run_model(name: str, size_names: list[str], scratch: Path, rows: list[dict],
                "prompt": references[size]["tokens"], "build_s": build.seconds, "convert_s": convert.seconds,
                "convert_peak": convert.peak, "failures": []}
         rows.append(row)
-
-        def attempt(label, fn):
-            try:
-                return fn()
-            except Exception as err:  # noqa: BLE001 - the point is to report what breaks at this shape
-                row["failures"].append(f"{label}: {type(err).__name__}: {str(err)[:300]}")
-                log(f"{name} {size}: {label} FAILED\n{traceback.format_exc()}")
-                return None
-
-        with Phase() as phase:
-            diff = attempt("convert==base", lambda: check_conversion(model, processor, references[size], size))
-        row["convert_diff"] = diff
-        if diff is not None and diff != 0.0:
-            row["failures"].append(f"convert==base: max |difference| {diff:.3g}")
-        with Phase() as phase:
-            result = attempt("train step", lambda: latent_train_step(model, processor, size))
-        row.update(train_s=phase.seconds, train_peak=phase.peak, train_base=phase.start_rss)
-        if result is not None:
-            row.update(train_tokens=result["tokens"], loss=result["loss"], recon=result["recon"],
-                       backward_s=result["backward_s"])
-            row["failures"] += [f"train step: {p}" for p in result["problems"]]
-        gc.collect()
-        with Phase() as cached_phase:
-            cached = attempt("generate (cache)", lambda: latent_generate(model, processor, size, True))
-        with Phase() as uncached_phase:
-            uncached = attempt("generate (no cache)", lambda: latent_generate(model, processor, size, False))
-        row.update(gen_cache_s=cached_phase.seconds, gen_nocache_s=uncached_phase.seconds,
-                   gen_peak=max(cached_phase.peak, uncached_phase.peak))
-        if cached is not None and uncached is not None:
-            same, score_diff = compare_generations(cached, uncached)
-            row.update(gen_same=same, score_diff=score_diff)
-            if not same or not score_diff <= 1e-3:
-                row["failures"].append(f"cache != no cache (same sequences: {same}, max score difference "
-                                       f"{score_diff:.3g})")
+        check_size(model, processor, size, references[size], row, log)
         log(format_row(row))
-        del cached, uncached
         gc.collect()
     del model
     gc.collect()
     shutil.rmtree(folder, ignore_errors=True)
+
+
+def check_size(model, processor, size: str, reference: dict, row: dict, log) -> None:
+    """One image size on the converted model: convert == base, one latent training step, generate with and without
+    the cache; the timings, peaks and failures go into `row` (a failing check is recorded, the others still run)."""
+    name = row["model"]
+
+    def attempt(label, fn):
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - the point is to report what breaks at this shape
+            row["failures"].append(f"{label}: {type(err).__name__}: {str(err)[:300]}")
+            log(f"{name} {size}: {label} FAILED\n{traceback.format_exc()}")
+            return None
+
+    diff = attempt("convert==base", lambda: check_conversion(model, processor, reference, size))
+    row["convert_diff"] = diff
+    if diff is not None and diff != 0.0:
+        row["failures"].append(f"convert==base: max |difference| {diff:.3g}")
+    with Phase() as phase:
+        result = attempt("train step", lambda: latent_train_step(model, processor, size))
+    row.update(train_s=phase.seconds, train_peak=phase.peak, train_base=phase.start_rss)
+    if result is not None:
+        row.update(train_tokens=result["tokens"], loss=result["loss"], recon=result["recon"],
+                   backward_s=result["backward_s"])
+        row["failures"] += [f"train step: {p}" for p in result["problems"]]
+    gc.collect()
+    with Phase() as cached_phase:
+        cached = attempt("generate (cache)", lambda: latent_generate(model, processor, size, True))
+    with Phase() as uncached_phase:
+        uncached = attempt("generate (no cache)", lambda: latent_generate(model, processor, size, False))
+    row.update(gen_cache_s=cached_phase.seconds, gen_nocache_s=uncached_phase.seconds,
+               gen_peak=max(cached_phase.peak, uncached_phase.peak))
+    if cached is not None and uncached is not None:
+        same, score_diff = compare_generations(cached, uncached)
+        row.update(gen_same=same, score_diff=score_diff)
+        if not same or not score_diff <= 1e-3:
+            row["failures"].append(f"cache != no cache (same sequences: {same}, max score difference "
+                                   f"{score_diff:.3g})")
 
 
 HEADER = ("| model | image | visual tokens | prompt / train tokens | converted == base (max abs diff) | train step s (backward) "

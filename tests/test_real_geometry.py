@@ -11,6 +11,7 @@ and the whole table with `python benchmarks/real_geometry.py` (benchmarks/real_g
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "real_geometry.py"
 def load_benchmark():
     spec = importlib.util.spec_from_file_location("real_geometry", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
