@@ -719,6 +719,8 @@ def main(argv=None):
         # alive can abort in the interpreter's teardown ("terminate called without an active exception", SIGABRT),
         # and the launcher then kills the main process in the middle of writing its outputs
         trainer.accelerator.end_training()
+        if args.world_size > 1:
+            logger.info("rank %d destroyed its process group", args.process_index)
 
 
 def final_model(trainer, model_args):

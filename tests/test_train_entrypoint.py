@@ -226,6 +226,15 @@ def test_ddp_crosses_stage_boundaries_on_every_rank(ddp_run):
         assert output.count(f"(global step {step}) {line}") == 2, f"stage {stage} not logged by both ranks"
 
 
+def test_ddp_every_rank_destroys_its_process_group(ddp_run):
+    """A gloo rank that exits with its process group alive can abort in the interpreter's teardown (SIGABRT,
+    "terminate called without an active exception"); the launcher then kills rank 0 while it writes its outputs.
+    Each rank destroys its group after the last collective, rank 1 before rank 0 has finished."""
+    _, output = ddp_run
+    assert sorted(re.findall(r"rank (\d) destroyed its process group", output)) == ["0", "1"]
+    assert "terminate called" not in output
+
+
 def test_ddp_parameters_end_identical_on_both_ranks(ddp_run):
     out, output = ddp_run
     checksums = _checksums(output)
