@@ -344,25 +344,22 @@ def saliency_memory(vedas_off, eager, base, inputs):
 def timed_methods(targets, totals):
     """Temporarily wrap `(owner class, method name)` pairs so that their wall time adds up in `totals[name]`;
     `_second_pass` calls (a routing layer that selected some token) are also counted."""
-    saved = []
-    for owner, name in targets:
-        original = owner.__dict__[name]
+    def timing(name):
+        def make_wrapper(original):
+            def wrapper(*args, **kwargs):
+                start = time.perf_counter()
+                result = original(*args, **kwargs)
+                totals[name] = totals.get(name, 0.0) + (time.perf_counter() - start) * 1000
+                if name == "_second_pass":  # generate records no router statistics: count the calls instead
+                    totals["second passes"] = totals.get("second passes", 0) + 1
+                return result
+            return wrapper
+        return make_wrapper
 
-        def wrapper(*args, __original=original, __name=name, **kwargs):
-            start = time.perf_counter()
-            result = __original(*args, **kwargs)
-            totals[__name] = totals.get(__name, 0.0) + (time.perf_counter() - start) * 1000
-            if __name == "_second_pass":  # generate records no router statistics: count the calls instead
-                totals["second passes"] = totals.get("second passes", 0) + 1
-            return result
-
-        setattr(owner, name, wrapper)
-        saved.append((owner, name, original))
-    try:
+    with contextlib.ExitStack() as stack:
+        for owner, name in targets:
+            stack.enter_context(_wrapped(owner, name, timing(name)))
         yield totals
-    finally:
-        for owner, name, original in saved:
-            setattr(owner, name, original)
 
 
 @torch.no_grad()
